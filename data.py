@@ -11,6 +11,7 @@ The embedded benchmark, Fashion-MNIST (MIT), is found in --data-dir, then in Deb
 /usr/share/datasets/fashion-mnist (`apt-get install dataset-fashion-mnist`), then downloaded by
 torchvision where the network allows.
 """
+import copy
 import gzip
 import math
 import multiprocessing
@@ -41,6 +42,16 @@ def add_data_args(parser):
     parser.add_argument("--val-subset", type=int, default=0, help="use only N validation images (0 = all)")
     parser.add_argument("-b", "--batch-size", type=int, default=128, help="images per batch and process")
     parser.add_argument("-j", "--workers", type=int, default=2, help="data loading processes per process")
+    return parser
+
+
+def add_aug_args(parser):
+    """AugMix flags (train_teacher.py and distill_partial.py)."""
+    parser.add_argument("--aug-severity", type=int, default=3, help="AugMix op severity (1-10)")
+    parser.add_argument("--aug-width", type=int, default=3, help="AugMix chains per image")
+    parser.add_argument("--aug-depth", type=int, default=-1, help="AugMix ops per chain (-1: random 1-3)")
+    parser.add_argument("--aug-all-ops", action="store_true", help="also use the ops that overlap ImageNet-C "
+                        "(unfair for corruption benchmarks)")
     return parser
 
 
@@ -187,6 +198,25 @@ def skipped_images(dataset):
         dataset = dataset.dataset
     skipped = getattr(dataset, "skipped", None)
     return skipped.value if skipped is not None else 0
+
+
+def holdout(dataset, n, seed=0):
+    """(rest, held_out): n items set aside, e.g. the clean slice that calibrates the head selector."""
+    if n <= 0:
+        return dataset, None
+    if n >= len(dataset):
+        raise UserError(f"--calib-size {n} leaves no training images out of {len(dataset)}; lower it")
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    return Subset(dataset, sorted(idx[n:])), Subset(dataset, sorted(idx[:n]))
+
+
+def with_transform(dataset, transform):
+    """The same images seen through another transform: a shallow copy, no re-scan of the folders."""
+    if isinstance(dataset, Subset):
+        return Subset(with_transform(dataset.dataset, transform), dataset.indices)
+    out = copy.copy(dataset)
+    out.transform = transform
+    return out
 
 
 def subset(dataset, n, seed=0):

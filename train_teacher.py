@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import (UserError, Views, add_data_args, augmix, build_datasets, class_names, image_transforms,
+from data import (UserError, Views, add_aug_args, add_data_args, augmix, build_datasets, class_names, image_transforms,
                   native_size,
                   make_loader, set_loader_epoch, skipped_images)
 
@@ -60,12 +60,12 @@ def add_model_args(parser, name_flags=("--arch", "--model"), default="resnet18")
     parser.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
 
 
-def add_train_args(parser, lr=0.1, opt="sgd", epochs=10):
+def add_train_args(parser, lr=0.1, opt="sgd", epochs=10, opts=("sgd", "adamw")):
     """The optimisation and run flags train_teacher.py and distill_partial.py share."""
     parser.add_argument("--epochs", type=int, default=epochs, help="training epochs")
     parser.add_argument("--stop-after", type=int, default=0, help="leave after this epoch (e.g. a job time "
                         "limit); --resume continues the same schedule")
-    parser.add_argument("--opt", default=opt, choices=["sgd", "adamw"], help="optimizer")
+    parser.add_argument("--opt", default=opt, choices=opts, help="optimizer")
     parser.add_argument("--lr", type=float, default=lr, help="peak learning rate")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     parser.add_argument("--weight-decay", type=float, default=5e-4 if opt == "sgd" else 0.05, help="weight decay")
@@ -91,11 +91,7 @@ def get_parser():
     p.add_argument("--init-checkpoint", default=None, help="fine-tune this project checkpoint (same arch)")
     add_train_args(p)
     p.add_argument("--aug", default="none", choices=["none", "augmix"], help="robust augmentation")
-    p.add_argument("--aug-severity", type=int, default=3, help="AugMix op severity (1-10)")
-    p.add_argument("--aug-width", type=int, default=3, help="AugMix chains per image")
-    p.add_argument("--aug-depth", type=int, default=-1, help="AugMix ops per chain (-1: random 1-3)")
-    p.add_argument("--aug-all-ops", action="store_true", help="also use the ops that overlap ImageNet-C "
-                   "(unfair for corruption benchmarks)")
+    add_aug_args(p)
     p.add_argument("--jsd", type=float, default=0.0, help="Jensen-Shannon consistency weight over clean + 2 "
                    "AugMix views (0 = off; 12 is the AugMix paper's)")
     p.add_argument("--adv", default="none", choices=["none", "pgd"], help="adversarial training")
@@ -373,6 +369,18 @@ def evaluate(model, loader, device, autocast=contextlib.nullcontext):
     return 100.0 * correct / max(1, total)
 
 
+def start_epoch(loader, epoch, seed, rank):
+    """Everything random in an epoch (order, augmentation, dropout, PGD starts) follows from
+    (seed, epoch, rank): resuming at an epoch boundary replays exactly what an uninterrupted run does."""
+    torch.manual_seed(seed * 100_003 + epoch * 1_009 + rank)
+    set_loader_epoch(loader, epoch, seed)
+
+
+def set_lr(opt, lr):
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
 def progress(loader, rank, desc):
     return tqdm(loader, desc=desc, disable=rank != 0, leave=False, dynamic_ncols=True)
 
@@ -471,8 +479,7 @@ def train(args):
         f"{len(val_set)} val images, {len(classes)} classes, {world} process(es) on {device}")
 
     while epoch < args.epochs:
-        torch.manual_seed(args.seed * 100_003 + epoch * 1_009 + rank)  # dropout, PGD starts: (seed, epoch, rank)
-        set_loader_epoch(train_loader, epoch, args.seed)
+        start_epoch(train_loader, epoch, args.seed, rank)
         net.train()
         t0, seen, loss_sum, skipped0 = time.time(), 0, 0.0, skipped_images(train_set)
         bar = progress(train_loader, rank, f"epoch {epoch + 1}/{args.epochs}")
@@ -491,8 +498,7 @@ def train(args):
                                args.adv_norm, args.random_start)
                 net.train()
             lr = lr_at(step, total, args.lr, args.sched, warmup, args.ssfd_peak)
-            for g in opt.param_groups:
-                g["lr"] = lr
+            set_lr(opt, lr)
             with autocast():
                 logits = ddp(x)
             loss = criterion(logits.float(), y if args.jsd else y.repeat(len(views)))

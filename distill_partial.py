@@ -1,0 +1,651 @@
+"""Robustify a large pre-trained model by tuning a copy of its last K blocks with a robust teacher.
+
+The method of Jain, Behl, Rawat, Vineet, "Efficiently Robustify Pre-trained Models" (ICCV 2023), as
+reconstructed in DESIGN.md section 3 (the paper has no public code):
+
+    h  = trunk(x)                     # frozen, no autograd, once per view
+    clean    = h0(tail(h))            # the original model, bit for bit (zero-shot/transfer kept)
+    f  = branch(h)                    # trainable deep copy of tail (last K blocks + norm/pool)
+    robust   = h_r(f); combined = h_m(f)          # two new heads, initialised from h0
+    q  = w * softmax(teacher(x')/T) + (1 - w) * softmax(clean(x')/T)   # uncertainty-aware KD target,
+         w = (1 - u_teacher) / ((1 - u_teacher) + (1 - u_student)), u = entropy / log C
+    L  = (1-lam) CE(robust(x'), y) + lam T^2 KL(q || robust(x')/T) + CE(combined(x), y) + CE(combined(x'), y)
+    inference: s = KL(p_clean || p_robust); s <= tau -> clean head, else the lower-entropy of robust/combined
+
+    python distill_partial.py --student vit_l16 --pretrained --teacher runs/teacher/best.pt --tune-last 4 \
+        --data-dir /data/imagenet --amp
+    torchrun --nproc_per_node=8 distill_partial.py ...          # same flags
+    python distill_partial.py --dataset fashion-mnist --student vit_small_patch16_224 \
+        --pretrained-file runs/student_pre/best.pt --teacher runs/teacher/best.pt --tune-last 2   # CPU
+
+Baselines, same script: complete AugMix fine-tuning (--tune-last all --teacher none), partial tuning
+without a teacher (--teacher none), FTP (--opt ftp), WiSE-FT (wise_ft(), swept in evaluate.py).
+The checkpoint holds only the delta (branch, two heads, tau) plus what rebuilds the rest.
+"""
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data import (UserError, Views, add_aug_args, add_data_args, augmix, build_datasets, class_names, holdout,
+                  image_transforms, make_loader, native_size, skipped_images, with_transform)
+from train_teacher import (SCHEMA, Normalized, RunLog, add_model_args, add_train_args, all_sum, amp_setup,
+                           create_model, load_checkpoint, load_model, lr_at, model_data_config, parse_kwargs,
+                           progress, ranks_agree, run_main, save_checkpoint, set_lr, setup_distributed, start_epoch)
+
+STUDENT_ALIASES = {
+    "vit_b16": "vit_base_patch16_224.augreg2_in21k_ft_in1k",
+    "vit_l16": "vit_large_patch16_224.augreg_in21k_ft_in1k",
+    "vit_h14": "vit_huge_patch14_clip_224.laion2b_ft_in12k_in1k",
+    "clip_b16": "vit_base_patch16_clip_224.openai_ft_in1k",
+    "clip_l14": "vit_large_patch14_clip_224.openai_ft_in1k",
+}
+HEADS = ("clean", "robust", "combined")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_data_args(p)
+    add_model_args(p, ("--student",), default="vit_l16")
+    p.add_argument("--teacher", default="none", help="robust teacher: a train_teacher.py checkpoint, a timm name "
+                   "(hub weights), or 'none' (the no-teacher baselines)")
+    p.add_argument("--tune-last", default="4", help="blocks to tune in the branch: K, or 'all' (complete fine-tuning)")
+    p.add_argument("--kd-temp", type=float, default=2.0, help="distillation temperature T")
+    p.add_argument("--kd-weight", type=float, default=0.5, help="lam: weight of the KD term in the robust loss")
+    p.add_argument("--branch-dropout", type=float, default=0.1, help="dropout on branch features before the "
+                   "new heads (also the MC dropout of --mc-samples)")
+    p.add_argument("--mc-samples", type=int, default=1, help="MC-dropout passes for head selection")
+    p.add_argument("--calib-size", type=int, default=1000, help="clean training images held out to calibrate tau")
+    p.add_argument("--tau-quantile", type=float, default=0.95, help="tau = this quantile of KL(clean||robust) "
+                   "on the held-out slice")
+    add_train_args(p, lr=1e-4, opt="adamw", epochs=3, opts=("adamw", "sgd", "ftp"))
+    p.set_defaults(output="runs/student", weight_decay=0.05)
+    add_aug_args(p)
+    return p
+
+
+# ----------------------------------------------------------------------------- the branch student
+
+def student_blocks(model):
+    """('vit', blocks) for timm Vision Transformers (CLIP towers included), ('cnn', blocks) for
+    ResNet-style CNNs (the residual blocks of layer1..layer4 in order); None for other models."""
+    if hasattr(model, "blocks") and hasattr(model, "patch_embed"):
+        return "vit", list(model.blocks)
+    if all(hasattr(model, f"layer{i}") for i in range(1, 5)):
+        return "cnn", [b for i in range(1, 5) for b in getattr(model, f"layer{i}")]
+    return None, []
+
+
+def depth(model):
+    return len(student_blocks(model)[1])
+
+
+class Tail(nn.Module):
+    """The last k blocks of a timm model and what follows them up to the head's input (final norm,
+    pooling). With k = depth it is the whole feature extractor (complete fine-tuning).
+    Built from references: a deepcopy of a Tail copies exactly those modules, nothing more."""
+
+    def __init__(self, model, k):
+        super().__init__()
+        family, blocks = student_blocks(model)
+        self.family, self.full = family, k == len(blocks)
+        if self.full:
+            self.model = model
+            return
+        self.blocks = nn.Sequential(*blocks[len(blocks) - k:])
+        if family == "vit":
+            self.norm, self.fc_norm, self.head_drop = model.norm, model.fc_norm, model.head_drop
+            self.attn_pool = model.attn_pool
+            self.pool_type, self.prefix = model.global_pool, model.num_prefix_tokens
+            self.include_prefix = getattr(model, "pool_include_prefix", False)
+        else:
+            self.global_pool, self.drop_rate = model.global_pool, float(model.drop_rate)
+
+    def forward(self, h):
+        if self.full:
+            return self.model.forward_head(self.model.forward_features(h), pre_logits=True)
+        h = self.norm(self.blocks(h)) if self.family == "vit" else self.blocks(h)
+        if self.family == "cnn":
+            return F.dropout(self.global_pool(h), self.drop_rate, self.training)
+        if self.attn_pool is not None:
+            h = self.attn_pool(h if self.include_prefix else h[:, self.prefix:])
+        elif self.pool_type == "token":
+            h = h[:, 0]
+        elif self.pool_type:
+            h = (h if self.include_prefix else h[:, self.prefix:]).mean(1)
+        return self.head_drop(self.fc_norm(h))
+
+
+def trunk(model, x, k):
+    """Stem and the first depth-k blocks of a timm model (nothing when k = depth)."""
+    family, blocks = student_blocks(model)
+    if k == len(blocks):
+        return x
+    if family == "vit":
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    else:
+        x = model.maxpool(model.act1(model.bn1(model.conv1(x))))
+    for blk in blocks[:len(blocks) - k]:
+        x = blk(x)
+    return x
+
+
+class BranchStudent(nn.Module):
+    """Frozen pre-trained model + trainable branch (copy of its last k blocks) with robust and
+    combined heads. Takes images in [0, 1]; forward returns (clean, robust, combined) logits."""
+
+    def __init__(self, model, data_config, k, branch_dropout=0.0):
+        super().__init__()
+        family, blocks = student_blocks(model)
+        k = len(blocks) if k == "all" else int(k)
+        if k != len(blocks) and family is None:
+            raise UserError(f"--tune-last {k}: {type(model).__name__} is neither a timm ViT nor a ResNet-style CNN; "
+                            f"only --tune-last all works for it")
+        if not 1 <= k <= len(blocks):
+            raise UserError(f"--tune-last {k}: the student has {len(blocks)} blocks; give 1..{len(blocks)} or 'all'")
+        self.k, self.n_blocks, self.tau, self.p_drop = k, len(blocks), float("inf"), branch_dropout
+        self.wrap = Normalized(model, data_config)   # resize + normalise; holds the frozen model
+        model.requires_grad_(False)
+        self.tail = Tail(model, k)
+        self.head_clean = model.get_classifier()
+        self.branch = copy.deepcopy(self.tail).requires_grad_(True)
+        if self.branch.full:   # the whole model was copied: its classifier is replaced by the new heads
+            self.branch.model.reset_classifier(0)
+        self.head_robust = copy.deepcopy(self.head_clean).requires_grad_(True)
+        self.head_combined = copy.deepcopy(self.head_clean).requires_grad_(True)
+        self.eval()
+
+    @property
+    def model(self):
+        return self.wrap.model
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.wrap.eval()   # the original model never leaves eval mode: the clean head stays exact
+        return self
+
+    def trainable(self):
+        return [m for m in (self.branch, self.head_robust, self.head_combined)]
+
+    def features(self, x, head="robust"):
+        """Input features of a head: 'clean' -> frozen tail, else the branch (dropout not applied)."""
+        with torch.no_grad():
+            h = trunk(self.model, self.wrap.normalize(x), self.k)
+            if head == "clean":
+                return self.tail(h)
+        return self.branch(h)
+
+    def forward(self, x, clean_rows=None, mc_samples=1):
+        """(clean, robust, combined) logits. clean_rows (a slice) limits the frozen clean path to
+        those rows (training needs it only on the augmented view); mc_samples > 1 keeps dropout on and
+        returns robust/combined as [S, B, C]."""
+        with torch.no_grad():   # never backpropagate into the trunk
+            h = trunk(self.model, self.wrap.normalize(x), self.k)
+            hc = h if clean_rows is None else h[clean_rows]
+            clean = self.head_clean(self.tail(hc)) if len(hc) else None
+        f = self.branch(h)
+        if mc_samples > 1:
+            f = torch.stack([F.dropout(f, self.p_drop, True) for _ in range(mc_samples)])
+        else:
+            f = F.dropout(f, self.p_drop, self.training)
+        return clean, self.head_robust(f), self.head_combined(f)
+
+
+def entropy(p):
+    return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+
+def select_head(clean, robust, combined, tau):
+    """Head selection at inference (DESIGN.md 3): s = KL(p_clean || p_robust); s <= tau -> clean
+    head, else whichever of robust/combined has the lower entropy. robust/combined may carry MC-dropout
+    samples [S, B, C] (their probabilities are averaged). Returns (log-probs [B, C], choice [B], s [B])."""
+    p = [clean.float().softmax(-1), robust.float().softmax(-1), combined.float().softmax(-1)]
+    p = [q.mean(0) if q.dim() == 3 else q for q in p]
+    s = (p[0] * (p[0].clamp_min(1e-12).log() - p[1].clamp_min(1e-12).log())).sum(-1)
+    choice = torch.where(s <= tau, 0, torch.where(entropy(p[1]) <= entropy(p[2]), 1, 2))
+    probs = torch.stack(p)[choice, torch.arange(len(choice), device=choice.device)]
+    return probs.clamp_min(1e-12).log(), choice, s
+
+
+@torch.no_grad()
+def predict(student, x, head="auto", mc_samples=1):
+    """Logits of one head ('clean', 'robust', 'combined') or of the selector ('auto')."""
+    clean, robust, combined = student(x, mc_samples=mc_samples)
+    if head == "auto":
+        return select_head(clean, robust, combined, student.tau)[0]
+    out = dict(clean=clean, robust=robust, combined=combined)[head]
+    return out.float().softmax(-1).mean(0).log() if out.dim() == 3 else out
+
+
+@torch.no_grad()
+def calibrate_tau(student, loader, device, quantile=0.95, mc_samples=1, autocast=None):
+    """tau = quantile of s = KL(p_clean || p_robust) on held-out clean training images: about
+    (1 - quantile) of in-distribution inputs are then routed away from the clean head."""
+    student.eval()
+    scores = []
+    for batch in loader:
+        if batch is None:
+            continue
+        x = batch[0].to(device, non_blocking=True)
+        with autocast() if autocast else torch.autocast(device.type, enabled=False):
+            scores.append(select_head(*student(x, mc_samples=mc_samples), float("inf"))[2].float())
+    return float(torch.quantile(torch.cat(scores).cpu(), quantile))
+
+
+# ----------------------------------------------------------------------------- the losses
+
+def kd_target(teacher_logits, student_logits, T):
+    """Uncertainty-aware KD target (DESIGN.md 3, our reconstruction): per sample, mix the teacher's
+    and the frozen student's softened distributions, each weighted by its confidence 1 - H/log C.
+    Returns (q [B, C], w [B]) where w is the teacher's share."""
+    t, o = (teacher_logits.float() / T).softmax(-1), (student_logits.float() / T).softmax(-1)
+    log_c = math.log(t.shape[-1])
+    conf_t, conf_o = 1 - entropy(t) / log_c, 1 - entropy(o) / log_c
+    w = (conf_t + 1e-6) / (conf_t + conf_o + 2e-6)
+    return w[:, None] * t + (1 - w[:, None]) * o, w
+
+
+def method_loss(robust_aug, combined_clean, combined_aug, y, q=None, T=2.0, lam=0.5):
+    """L = (1-lam) CE(h_r(x'), y) + lam T^2 KL(q || softmax(h_r(x')/T)) + CE(h_m(x), y) + CE(h_m(x'), y),
+    in fp32. Without a teacher (q None) the robust head is trained with plain cross-entropy."""
+    robust_aug, combined_clean, combined_aug = robust_aug.float(), combined_clean.float(), combined_aug.float()
+    loss_r = F.cross_entropy(robust_aug, y)
+    if q is not None and lam > 0:
+        kd = F.kl_div((robust_aug / T).log_softmax(-1), q, reduction="batchmean") * T * T
+        loss_r = (1 - lam) * loss_r + lam * kd
+    return loss_r + F.cross_entropy(combined_clean, y) + F.cross_entropy(combined_aug, y)
+
+
+# ----------------------------------------------------------------------------- FTP (--opt ftp)
+
+class FTP(torch.optim.Optimizer):
+    """AdamW with Fast Trainable Projection (Tian et al., "Fast Trainable Projection for Robust
+    Fine-Tuning", NeurIPS 2023; successor of TPGM, CVPR 2023).
+
+    Each projected tensor W stays inside a per-row L1 ball around its anchor W0 (its value when the
+    optimizer is built); the radius r (one scalar per tensor) is learned inside the step from a
+    one-step-delayed hyper-gradient, so no extra forward/backward passes. Per step and tensor:
+
+        1. if a previous step exists:
+               g_r = sum(grad * c_prev / n_prev)          # dL/dr through last step's projection
+               g_r = k * g_r if g_r > 0                   # k > 1 shrinks the radius faster
+               r   = Adam(r, g_r; radius_lr, radius_betas, eps 1e-8, bias corrected)
+               r   = clip(r, 1e-8, max(n_prev))
+           else r = 1e-8
+        2. W' = AdamW(W, grad); c = W' - W0
+        3. n  = per-row L1 norm of c (rows = dim 0; a 1-D tensor is one row)
+        4. W  = W0 + clamp(r / n, 0, 1) * c;  c_prev, n_prev = c, n
+
+    Param groups carry `project` (default True); `project=False` groups (new heads) get plain AdamW.
+    All state (moments, steps, anchor, radius and its Adam, c_prev, n_prev) is kept as tensors in
+    `self.state[p]`, so `state_dict()` / `load_state_dict()` resume exactly. The paper uses
+    weight_decay=0 with FTP. Meant for fp32 (master) parameters.
+
+    Differences from the public code (github.com/GT-RIPL/FTP), on purpose: the radius Adam counts
+    its own steps (the public one reuses the global counter, already 2 at its first update, so its
+    first radius step is ~0.74 * radius_lr); the clip's upper bound is max(n_prev) (the public one
+    uses the current step's n); n is clamped below by 1e-12 instead of adding 1e-8; the anchor is
+    cloned here, not passed in; and the radius state is saved in the state dict.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, k=1.0,
+                 radius_lr=1e-2, radius_betas=(0.9, 0.999)):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, k=k,
+                        radius_lr=radius_lr, radius_betas=radius_betas, project=True)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        # Also called by __init__: the anchor W0 is the value of each projected tensor right now.
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["project"]:
+            for p in group["params"]:
+                zero = torch.zeros((), dtype=torch.float32, device=p.device)
+                self.state[p].update(anchor=p.detach().clone(), radius=zero + 1e-8,
+                                     radius_exp_avg=zero.clone(), radius_exp_avg_sq=zero.clone(),
+                                     radius_step=zero.clone())
+
+    @staticmethod
+    def _row_l1(c):
+        # Step 3: L1 norm per output row (dim 0), kept broadcastable against c; tiny floor.
+        if c.dim() < 2:
+            return c.abs().sum().reshape([1] * c.dim()).clamp_min(1e-12)
+        return c.abs().sum(dim=tuple(range(1, c.dim())), keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+            wd = group["weight_decay"]
+            rb1, rb2 = group["radius_betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad, state = p.grad, self.state[p]
+                if "step" not in state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+                if group["project"] and "prev_c" in state:
+                    # Step 1: one-step-delayed radius hyper-gradient, then the radius's own Adam.
+                    g_r = (grad * state["prev_c"] / state["prev_n"]).sum()
+                    g_r = torch.where(g_r > 0, g_r * group["k"], g_r)
+                    state["radius_step"] += 1
+                    state["radius_exp_avg"].mul_(rb1).add_(g_r, alpha=1 - rb1)
+                    state["radius_exp_avg_sq"].mul_(rb2).addcmul_(g_r, g_r, value=1 - rb2)
+                    m_hat = state["radius_exp_avg"] / (1 - rb1 ** state["radius_step"])
+                    v_hat = state["radius_exp_avg_sq"] / (1 - rb2 ** state["radius_step"])
+                    r = state["radius"] - group["radius_lr"] * m_hat / (v_hat.sqrt() + 1e-8)
+                    state["radius"].copy_(r.clamp(min=1e-8).minimum(state["prev_n"].max()))
+
+                # Step 2: the base AdamW update (decoupled weight decay), as torch.optim.AdamW.
+                state["step"] += 1
+                t = state["step"].item()
+                p.mul_(1 - lr * wd)
+                state["exp_avg"].lerp_(grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
+                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
+                if not group["project"]:
+                    continue
+
+                # Steps 2-4: deviation from the anchor, row norms, scale rows back into the ball.
+                c = p - state["anchor"]
+                n = self._row_l1(c)
+                p.copy_(state["anchor"] + (state["radius"] / n).clamp(0, 1) * c)
+                state["prev_c"], state["prev_n"] = c, n
+        return loss
+
+
+# ----------------------------------------------------------------------------- WiSE-FT and the delta
+
+@torch.no_grad()
+def wise_ft(student, alpha):
+    """WiSE-FT (Wortsman et al. 2022) without retraining: a new student whose branch and new heads are
+    (1 - alpha) * their starting weights + alpha * the tuned ones. The starting weights are the frozen
+    tail and clean head, so alpha 0 is the original model and alpha 1 the tuned student."""
+    out = copy.deepcopy(student)
+    start = dict(out.tail.named_parameters())
+    if out.branch.full:   # the branch copy has no classifier; the tail's copy does
+        start = {k: v for k, v in start.items() if k in dict(out.branch.named_parameters())}
+    for name, p in out.branch.named_parameters():
+        p.lerp_(start[name].to(p.dtype), 1 - alpha)
+    for head in (out.head_robust, out.head_combined):
+        for p, p0 in zip(head.parameters(), out.head_clean.parameters()):
+            p.lerp_(p0.to(p.dtype), 1 - alpha)
+    return out
+
+
+def fingerprint(model):
+    """sha256 over a model's tensors: refuses a delta applied to the wrong base weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def delta_state(student):
+    """What a student checkpoint stores: the branch and the two new heads, nothing frozen."""
+    keep = ("branch.", "head_robust.", "head_combined.")
+    return {k: v for k, v in student.state_dict().items() if k.startswith(keep)}
+
+
+def build_base(base, pretrained_file=None):
+    """Rebuild the frozen base model a delta was trained on, and check it is the same one."""
+    if base["source"] == "init":
+        torch.manual_seed(base["seed"])
+    file = pretrained_file or base.get("file")
+    if base["source"] == "file" and not os.path.isfile(file or ""):
+        raise UserError(f"the base weights {file} of this delta are missing; pass the file with --base-file")
+    model = create_model(base["arch"], base["num_classes"], base["source"] == "hub",
+                         file if base["source"] == "file" else None, base["model_kwargs"])
+    if fingerprint(model) != base["fingerprint"]:
+        raise UserError(f"the base weights ({file or base['arch']}) differ from those the delta was trained on "
+                        f"(sha256 {base.get('sha256', '?')[:12]}); pass the original file with --base-file")
+    return model
+
+
+def load_student(path, base_file=None, flag="--checkpoint"):
+    """Rebuild the full multi-head student from a delta checkpoint (timm name + base weights + delta)."""
+    ckpt = load_checkpoint(path, flag)
+    if ckpt.get("kind") != "delta":
+        raise UserError(f"{flag}: {path} is a {ckpt.get('kind')} checkpoint, not a distill_partial.py delta")
+    model = build_base(ckpt["base"], base_file)
+    student = BranchStudent(model, ckpt["data_config"], ckpt["k"], ckpt["branch_dropout"])
+    missing, unexpected = student.load_state_dict(ckpt["model"], strict=False)
+    if unexpected or any(k.startswith(("branch.", "head_robust.", "head_combined.")) for k in missing):
+        raise UserError(f"{flag}: {path} does not fit a {ckpt['base']['arch']} with --tune-last {ckpt['k']}")
+    student.tau = ckpt["tau"]
+    return student.eval(), ckpt
+
+
+# ----------------------------------------------------------------------------- main
+
+def load_teacher(spec, num_classes, classes, size):
+    """A frozen, eval-mode teacher wrapped with its own normalisation and input size, or None."""
+    if spec == "none":
+        return None
+    if os.path.isfile(spec):
+        teacher, ckpt = load_model(spec, "--teacher")
+        if ckpt["num_classes"] != num_classes or ckpt.get("class_names", classes) != classes:
+            raise UserError(f"--teacher: {spec} predicts {ckpt['num_classes']} classes "
+                            f"({', '.join(map(str, ckpt.get('class_names', [])[:3]))}, ...); the student's data has "
+                            f"{num_classes}; train the teacher on the same label space")
+    else:
+        model = create_model(spec, num_classes, pretrained=True)
+        teacher = Normalized(model, model_data_config(model, size)).eval()
+    return teacher.requires_grad_(False)
+
+
+def base_record(args, arch, model, num_classes, kwargs):
+    if args.pretrained_file:
+        source = dict(source="file", file=os.path.abspath(args.pretrained_file), sha256=file_sha256(args.pretrained_file))
+    elif args.pretrained:
+        source = dict(source="hub")
+    else:
+        source = dict(source="init", seed=args.seed)
+    return dict(source, arch=arch, num_classes=num_classes, model_kwargs=kwargs, fingerprint=fingerprint(model))
+
+
+def build_optimizer(student, opt, lr, weight_decay, device):
+    """AdamW (fused on CUDA) / SGD over branch and heads; FTP projects the branch only."""
+    branch = list(student.branch.parameters())
+    heads = [p for h in (student.head_robust, student.head_combined) for p in h.parameters()]
+    if opt == "ftp":
+        return FTP([{"params": branch, "project": True}, {"params": heads, "project": False}], lr=lr)
+    groups = [{"params": branch + heads, "weight_decay": weight_decay}]
+    if opt == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda" or None)
+
+
+@torch.no_grad()
+def head_accuracy(student, loader, device, autocast):
+    """Top-1 (%) of each head and of the selector on a loader, reduced over ranks."""
+    student.eval()
+    correct, total = [0, 0, 0, 0], 0
+    for batch in loader:
+        if batch is None:
+            continue
+        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        with autocast():
+            logits = student(x)
+        for i, z in enumerate((*logits, select_head(*logits, student.tau)[0])):
+            correct[i] += (z.argmax(-1) == y).sum().item()
+        total += len(y)
+    sums = all_sum(correct + [total], device)
+    return {name: 100.0 * c / max(1, sums[-1]) for name, c in zip((*HEADS, "auto"), sums[:-1])}
+
+
+def check_args(args):
+    """Input mistakes, caught before any model or data is loaded."""
+    if args.tune_last != "all" and not args.tune_last.isdigit():
+        raise UserError(f"--tune-last {args.tune_last!r}: give a number of blocks or 'all'")
+    if args.tune_last == "0":
+        raise UserError("--tune-last 0 tunes nothing; give 1 or more blocks, or 'all'")
+    if not 0 <= args.kd_weight <= 1 or args.kd_temp <= 0:
+        raise UserError("--kd-weight must lie in [0, 1] and --kd-temp be positive")
+    if not 0 < args.tau_quantile < 1 or args.mc_samples < 1:
+        raise UserError("--tau-quantile must lie in (0, 1) and --mc-samples be at least 1")
+    if args.pretrained_file and args.pretrained:
+        raise UserError("--pretrained and --pretrained-file both given; keep one")
+    for flag, path in (("--resume", args.resume), ("--pretrained-file", args.pretrained_file)):
+        if path and not os.path.isfile(path):
+            raise UserError(f"{flag}: file {path} does not exist")
+    if args.teacher != "none" and not os.path.isfile(args.teacher) and args.teacher.endswith((".pt", ".pth")):
+        raise UserError(f"--teacher: file {args.teacher} does not exist")
+    if args.epochs < 1:
+        raise UserError("--epochs must be at least 1")
+
+
+def distill(args):
+    check_args(args)
+    rank, world, device = setup_distributed()
+    log = RunLog(args.output, rank, args)
+    torch.manual_seed(args.seed)
+    arch = STUDENT_ALIASES.get(args.arch, args.arch)
+    classes = class_names(args.dataset, args.data_dir)
+    kwargs = parse_kwargs(args.model_kwargs)
+
+    # Wrap order: build -> load weights into the bare module -> to(device) -> compile -> DDP.
+    model = create_model(arch, len(classes), args.pretrained, args.pretrained_file, kwargs)
+    base = base_record(args, arch, model, len(classes), kwargs)
+    cfg = model_data_config(model, native_size(args.dataset))
+    student = BranchStudent(model, cfg, args.tune_last, args.branch_dropout)
+    teacher = load_teacher(args.teacher, len(classes), classes, native_size(args.dataset))
+    start = load_checkpoint(args.resume) if args.resume else None
+    if start is not None:
+        if start.get("kind") != "delta" or start["base"]["fingerprint"] != base["fingerprint"] or start["k"] != student.k:
+            raise UserError(f"--resume: {args.resume} was trained from other base weights or another --tune-last")
+        student.load_state_dict(start["model"], strict=False)
+
+    train_tf, eval_tf = image_transforms(args.dataset, cfg)
+    aug = augmix(args.aug_severity, args.aug_width, args.aug_depth, all_ops=args.aug_all_ops)
+    train_set, val_set = build_datasets(args.dataset, args.data_dir, Views(train_tf, aug, 1), Views(eval_tf),
+                                        args.train_subset, args.val_subset)
+    train_set, calib_set = holdout(train_set, args.calib_size, args.seed)
+    train_loader = make_loader(train_set, args.batch_size, args.workers, True, rank, world, args.seed)
+    val_loader = make_loader(val_set, args.batch_size, args.workers, False, rank, world)
+    calib_loader = make_loader(with_transform(calib_set, Views(eval_tf)), args.batch_size, args.workers, False) \
+        if calib_set is not None else None
+    if len(train_loader) == 0:
+        raise UserError(f"-b/--batch-size {args.batch_size} x {world} processes is larger than the "
+                        f"{len(train_set)} training images; lower it")
+
+    student.to(device)
+    if teacher is not None:
+        teacher.to(device)
+        if args.channels_last and student_blocks(teacher.model)[0] != "vit":
+            teacher.to(memory_format=torch.channels_last)
+    if args.compile:
+        student.branch.compile()   # in place: state_dict keys stay clean
+    ddp = DDP(student, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else student
+
+    opt = build_optimizer(student, args.opt, args.lr, args.weight_decay, device)
+    autocast, scaler = amp_setup(device, args.amp, args.amp_dtype)
+    epoch, step, best, accs = 0, 0, -1.0, None
+    if start is not None:
+        opt.load_state_dict(start["optimizer"])
+        if start.get("scaler"):
+            scaler.load_state_dict(start["scaler"])
+        epoch, step, best, accs, student.tau = start["epoch"], start["step"], start["best_metric"], start["val"], start["tau"]
+    total = args.epochs * len(train_loader)
+    warmup = int(args.warmup_epochs * len(train_loader))
+    lr = lr_at(step, total, args.lr, args.sched, warmup, args.ssfd_peak)
+    n_train = sum(p.numel() for m in student.trainable() for p in m.parameters())
+    n_all = sum(p.numel() for p in model.parameters())
+    log(f"{arch}: {n_all / 1e6:.2f}M params, tuning the last {student.k}/{student.n_blocks} blocks "
+        f"({n_train / 1e6:.2f}M trainable incl. 2 heads), teacher {args.teacher}, {len(train_set)} train / "
+        f"{len(calib_set) if calib_set else 0} calib / {len(val_set)} val images, {world} process(es) on {device}")
+
+    t_start = time.time()
+    while epoch < args.epochs:
+        start_epoch(train_loader, epoch, args.seed, rank)
+        student.train()
+        t0, seen, loss_sum, skipped0 = time.time(), 0, 0.0, skipped_images(train_set)
+        bar = progress(train_loader, rank, f"epoch {epoch + 1}/{args.epochs}")
+        for batch in bar:
+            if batch is None:
+                continue
+            (x_clean, x_aug), y = batch
+            b = len(y)
+            x = torch.cat([x_clean, x_aug]).to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            set_lr(opt, lr := lr_at(step, total, args.lr, args.sched, warmup, args.ssfd_peak))
+            with autocast():
+                clean, robust, combined = ddp(x, clean_rows=slice(b, None) if teacher is not None else slice(0, 0))
+                q = None
+                if teacher is not None:
+                    with torch.inference_mode():
+                        t_logits = teacher(x[b:])
+                    q = kd_target(t_logits.clone(), clean, args.kd_temp)[0]
+            loss = method_loss(robust[b:], combined[:b], combined[b:], y, q, args.kd_temp, args.kd_weight)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            step += 1
+            seen += b * world
+            loss_sum += loss.item()
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.time() - t0):.0f}")
+        epoch += 1
+        train_time = time.time() - t0
+        if calib_set is not None:
+            student.tau = calibrate_tau(student, calib_loader, device, args.tau_quantile, args.mc_samples, autocast)
+        accs = head_accuracy(student, val_loader, device, autocast)
+        skipped = all_sum([skipped_images(train_set) - skipped0], device)[0]
+        is_best = accs["auto"] > best
+        best = max(best, accs["auto"])
+        metrics = dict(epoch=epoch, step=step, lr=lr, train_loss=loss_sum / max(1, len(train_loader)), tau=student.tau,
+                       **{f"val_{k}": v for k, v in accs.items()}, epoch_time_s=round(train_time, 2),
+                       img_s=round(seen / train_time, 1), skipped_images=int(skipped))
+        log(f"epoch {epoch}: loss {metrics['train_loss']:.4f}  val top-1 " +
+            "  ".join(f"{k} {v:.2f}" for k, v in accs.items()) + f"  tau {student.tau:.4g}  ({train_time:.0f}s, "
+            f"{metrics['img_s']:.0f} img/s)", **metrics)
+        if rank == 0:
+            ckpt = dict(schema=SCHEMA, kind="delta", base=base, k=student.k, branch_dropout=args.branch_dropout,
+                        data_config=cfg, num_classes=len(classes), class_names=classes, model=delta_state(student),
+                        tau=student.tau, optimizer=opt.state_dict(),
+                        scaler=scaler.state_dict() if scaler.is_enabled() else None, epoch=epoch, step=step,
+                        val=accs, metric=accs["auto"], best_metric=best, args=vars(args))
+            save_checkpoint(ckpt, os.path.join(args.output, "last.pt"))
+            if is_best:
+                save_checkpoint(ckpt, os.path.join(args.output, "best.pt"))
+        if args.stop_after and epoch >= args.stop_after:
+            break
+    result = dict(student=arch, k=student.k, teacher=args.teacher, opt=args.opt, epochs_done=epoch, step=step, lr=lr,
+                  tau=student.tau, val=accs, best_auto=best, train_time_s=round(time.time() - t_start, 2),
+                  trainable_params=n_train, ranks_agree=ranks_agree(student, device))
+    log("final: " + json.dumps(result), final=result)
+    return result
+
+
+def main(argv=None):
+    return run_main(distill, argv, get_parser())
+
+
+if __name__ == "__main__":
+    main()
