@@ -17,6 +17,7 @@ import math
 import multiprocessing
 import os
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -154,7 +155,9 @@ def check_image_folder(root, flag="--data-dir"):
 
 def read_rgb(path):
     """Decode an image file to a uint8 [3, H, W] tensor."""
-    return decode_image(path, mode=ImageReadMode.RGB)
+    with warnings.catch_warnings():  # torchvision 0.29 flags its decoders as deprecated (for TorchCodec)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_image(path, mode=ImageReadMode.RGB)
 
 
 class ImageFolderSafe(tv_datasets.DatasetFolder):

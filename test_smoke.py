@@ -1,0 +1,251 @@
+"""CPU tests of the foundation: data.py and train_teacher.py (tiny models, generated or Fashion-MNIST data).
+
+    HF_HUB_OFFLINE=1 python -m pytest -q
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.io import write_png
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import data  # noqa: E402
+import train_teacher  # noqa: E402
+from train_teacher import load_checkpoint, lr_at, pgd_attack  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY_CNN = ["--arch", "resnet18", "--model-kwargs", "layers=[1,1,1,1]", "channels=[8,16,32,64]"]
+FMNIST = ["--dataset", "fashion-mnist", "--train-subset", "96", "--val-subset", "32", "-b", "16", "-j", "0"]
+
+
+def run_teacher(tmp_path, name, *extra):
+    out = str(tmp_path / name)
+    result = train_teacher.main(FMNIST + TINY_CNN + ["--output", out, "--epochs", "1", *extra])
+    return out, result
+
+
+def one_line_error(capsys, fn, argv):
+    """Run a main that must fail on input: exit status 2, one line on stderr, no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+# ----------------------------------------------------------------------------- training modes
+
+@pytest.mark.parametrize("name,extra", [
+    ("plain", []),
+    ("augmix_jsd", ["--aug", "augmix", "--jsd", "12"]),
+    ("pgd_linf", ["--adv", "pgd", "--adv-eps", "8/255", "--adv-step", "2/255", "--adv-steps", "2"]),
+    ("pgd_l2", ["--adv", "pgd", "--adv-norm", "l2", "--adv-eps", "0.5", "--adv-step", "0.25", "--adv-steps", "2"]),
+    ("ssfd", ["--sched", "ssfd", "--epochs", "2"]),
+])
+def test_training_modes_write_loadable_checkpoints(tmp_path, name, extra):
+    out, result = run_teacher(tmp_path, name, *extra)
+    steps_per_epoch = 96 // 16
+    assert result["step"] == steps_per_epoch * result["epochs_done"]
+    for f in ("last.pt", "best.pt"):
+        ckpt = torch.load(os.path.join(out, f), map_location="cpu", weights_only=True)  # plain types only
+        assert ckpt["schema"] == train_teacher.SCHEMA and ckpt["kind"] == "model"
+        assert ckpt["num_classes"] == 10 and ckpt["data_config"]["input_size"] == [3, 32, 32]
+    model, ckpt = train_teacher.load_model(os.path.join(out, "last.pt"))
+    x = torch.rand(4, 3, 32, 32)
+    assert model(x).shape == (4, 10)
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["epoch"] for r in log if "epoch" in r] == list(range(1, result["epochs_done"] + 1))
+    assert json.load(open(os.path.join(out, "args.json")))["output"] == out
+
+
+# ----------------------------------------------------------------------------- losses and augmentation
+
+def test_jsd_loss_matches_reference():
+    from timm.loss import JsdCrossEntropy
+    torch.manual_seed(0)
+    logits, y = torch.randn(3 * 5, 7), torch.randint(0, 7, (5,))
+    p = [F.softmax(z, 1) for z in logits.split(5)]
+    mix = torch.clamp((p[0] + p[1] + p[2]) / 3, 1e-7, 1)
+    # AugMix eq. (JS): mean over views of KL(p_i || M), batch-averaged; plus CE on the clean view.
+    js = sum((pi * (pi.log() - mix.log())).sum(1).mean() for pi in p) / 3
+    ref = F.cross_entropy(logits[:5], y) + 12 * js
+    assert torch.allclose(JsdCrossEntropy(3, 12, smoothing=0)(logits, y), ref, atol=1e-6)
+
+
+def augmix_ops_used(aug, monkeypatch, calls=200):
+    """The op names AugMix really applies, recorded from torchvision's dispatch over many calls."""
+    used, apply = set(), aug._apply_image_or_video_transform
+    monkeypatch.setattr(aug, "_apply_image_or_video_transform",
+                        lambda img, name, *a, **k: used.add(name) or apply(img, name, *a, **k))
+    img = (torch.rand(3, 32, 32) * 255).to(torch.uint8)
+    for _ in range(calls):
+        aug(img)
+    return used
+
+
+def test_augmix_views_differ_and_skip_imagenet_c_ops(monkeypatch):
+    torch.manual_seed(0)
+    excluded = {"Brightness", "Color", "Contrast", "Sharpness"}
+    used = augmix_ops_used(data.augmix(), monkeypatch)
+    assert not used & excluded and len(used) >= 8
+    assert excluded <= augmix_ops_used(data.augmix(all_ops=True), monkeypatch, 400)  # the check can fail
+    ds = data.fashion_mnist("val", transform=data.Views(data.image_transforms("fashion-mnist", None)[1], data.augmix(), 2))
+    clean, a1, a2 = ds[0][0]
+    assert clean.shape == a1.shape == (3, 32, 32) and clean.dtype == torch.float32
+    assert 0 <= a1.min() and a1.max() <= 1
+    assert (a1 - clean).abs().mean() > 1e-3 and (a2 - a1).abs().mean() > 1e-3
+
+
+def test_fashion_mnist_splits():
+    train, val, test = (data.fashion_mnist(s) for s in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (55_000, 5_000, 10_000)
+    x, y = test[0]
+    assert x.shape == (3, 32, 32) and 0 <= x.min() and x.max() <= 1 and y == 9  # first test image: ankle boot
+    assert torch.equal(x[:, :2], torch.zeros(3, 2, 32))  # zero padding 28 -> 32
+
+
+# ----------------------------------------------------------------------------- PGD
+
+def linear_problem():
+    """Two classes separated by the mean brightness of the first channel; a linear model solves it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(256, 3, 8, 8, generator=g) * 0.1 + 0.3
+    y = torch.randint(0, 2, (256,), generator=g)
+    x[:, 0] += 0.04 * y.view(-1, 1, 1).float()   # a margin smaller than the attacks' reach
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 2))
+    opt = torch.optim.Adam(model.parameters(), 0.05)
+    for _ in range(100):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval(), x, y
+
+
+@pytest.mark.parametrize("norm,eps,step", [("linf", 8 / 255, 2 / 255), ("l2", 0.5, 0.1)])
+def test_pgd_stays_in_ball_and_lowers_accuracy(norm, eps, step):
+    model, x, y = linear_problem()
+    clean_acc = (model(x).argmax(1) == y).float().mean()
+    torch.manual_seed(0)
+    adv = pgd_attack(model, x, y, eps, step, 10, norm)
+    d = (adv - x).flatten(1)
+    size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+    assert (size <= eps + 1e-6).all()
+    assert adv.min() >= 0 and adv.max() <= 1
+    adv_acc = (model(adv).argmax(1) == y).float().mean()
+    assert clean_acc > 0.95 and adv_acc < clean_acc - 0.3
+
+
+# ----------------------------------------------------------------------------- schedules
+
+def test_ssfd_schedule_shape():
+    total, peak = 1000, 0.3
+    lrs = [lr_at(s, total, 0.1, "ssfd", peak=peak) for s in range(total)]
+    top = max(range(total), key=lambda s: lrs[s])
+    assert lrs[0] <= 0.1 * 0.02 and lrs[-1] <= 0.1 * 0.002          # starts and ends near 0
+    assert abs(top - peak * total) <= 1 and lrs[top] == pytest.approx(0.1, rel=1e-3)
+    assert all(a < b for a, b in zip(lrs[:top], lrs[1:top + 1]))      # rises all the way ...
+    assert all(a > b for a, b in zip(lrs[top:-1], lrs[top + 1:]))     # ... then falls at once: no plateau
+    assert sum(lr > 0.09 for lr in lrs) < 0.1 * total
+    assert lrs[int(0.6 * total)] < 0.1 * 0.15                        # fast decay
+    cos = [lr_at(s, 100, 1.0, "cosine", warmup=10) for s in range(100)]
+    assert cos[9] == 1.0 and cos[0] == 0.1 and cos[-1] < 0.01
+    assert lr_at(60, 100, 1.0, "step") == pytest.approx(0.1) and lr_at(80, 100, 1.0, "step") == pytest.approx(0.01)
+
+
+# ----------------------------------------------------------------------------- resume
+
+def test_resume_equals_uninterrupted(tmp_path):
+    args = ["--aug", "augmix", "--epochs", "2", "--opt", "adamw", "--lr", "1e-3"]
+    straight, r1 = run_teacher(tmp_path, "straight", *args)
+    half, _ = run_teacher(tmp_path, "half", *args, "--stop-after", "1")
+    assert load_checkpoint(os.path.join(half, "last.pt"))["epoch"] == 1
+    _, r2 = run_teacher(tmp_path, "half", *args, "--resume", os.path.join(half, "last.pt"))
+    a, b = (load_checkpoint(os.path.join(d, "last.pt")) for d in (straight, half))
+    assert (a["step"], a["epoch"]) == (b["step"], b["epoch"]) == (12, 2)
+    assert r1["lr"] == r2["lr"]
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6), k
+
+
+# ----------------------------------------------------------------------------- image folders
+
+def make_folder(root, classes=("cat", "dog"), n=6, size=20):
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for i, c in enumerate(classes):
+            os.makedirs(root / split / c, exist_ok=True)
+            for j in range(n):
+                img = (torch.rand(3, size, size, generator=g) * 100 + 100 * i).to(torch.uint8)
+                write_png(img, str(root / split / c / f"{j}.png"))
+    return root
+
+
+def test_image_folder_skips_unreadable_files(tmp_path):
+    root = make_folder(tmp_path / "ds")
+    (root / "train" / "cat" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    out = str(tmp_path / "run")
+    train_teacher.main(TINY_CNN + ["--data-dir", str(root), "--output", out, "--epochs", "1", "-b", "13", "-j", "0"])
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert log[0]["skipped_images"] == 1
+    assert load_checkpoint(os.path.join(out, "last.pt"))["class_names"] == ["cat", "dog"]
+
+
+def test_bad_folders_fail_fast(tmp_path, capsys):
+    root = make_folder(tmp_path / "ds")
+    os.makedirs(root / "train" / "empty")
+    err = one_line_error(capsys, train_teacher.main, TINY_CNN + ["--data-dir", str(root)])
+    assert "empty" in err and "no images" in err
+    flat = tmp_path / "flat"
+    os.makedirs(flat / "train")
+    write_png(torch.zeros(3, 8, 8, dtype=torch.uint8), str(flat / "train" / "a.png"))
+    assert "flat" in one_line_error(capsys, train_teacher.main, TINY_CNN + ["--data-dir", str(flat)])
+    assert "does not exist" in one_line_error(capsys, train_teacher.main, TINY_CNN + ["--data-dir", str(tmp_path / "no")])
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
+    err = one_line_error(capsys, train_teacher.main, FMNIST + ["--arch", "resnet51"])
+    assert "unknown model 'resnet51'" in err and "resnet50" in err
+    err = one_line_error(capsys, train_teacher.main, FMNIST + ["--arch", "resnet18", "--pretrained"])
+    assert "--pretrained-file" in err
+    err = one_line_error(capsys, train_teacher.main, FMNIST + TINY_CNN + ["--adv", "pgd", "--adv-eps", "8"])
+    assert "0-255" in err and "8/255" in err
+    out, _ = run_teacher(tmp_path, "cnn")
+    err = one_line_error(capsys, train_teacher.main, FMNIST + ["--arch", "vit_tiny_patch16_224", "--model-kwargs",
+                                                              "img_size=32", "--resume", os.path.join(out, "last.pt")])
+    assert "resnet18" in err and "vit_tiny_patch16_224" in err
+    assert "--jsd" in one_line_error(capsys, train_teacher.main, FMNIST + TINY_CNN + ["--jsd", "12"])
+
+
+def test_cli_error_has_no_traceback():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "train_teacher.py", "--dataset", "fashion-mnist", "--adv", "pgd",
+                        "--adv-eps", "8"], cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1].startswith("train_teacher.py: error: --adv-eps 8")
+    assert "Traceback" not in p.stderr
+
+
+# ----------------------------------------------------------------------------- many processes
+
+def test_torchrun_two_processes(tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           "train_teacher.py", *FMNIST, *TINY_CNN, "--epochs", "2", "--output", str(out)]
+    p = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert sorted(os.listdir(out)) == ["args.json", "best.pt", "last.pt", "log.jsonl"]
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert len(log) == 3 and log[-1]["final"]["ranks_agree"] is True   # 2 epochs + final, written once
+    assert log[-1]["final"]["step"] == 2 * (96 // (16 * 2))             # each rank sees half the data
+    assert p.stdout.count("final:") == 1                                # only rank 0 prints
