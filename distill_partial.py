@@ -171,6 +171,7 @@ class BranchStudent(nn.Module):
     def train(self, mode=True):
         super().train(mode)
         self.wrap.eval()   # the original model never leaves eval mode: the clean head stays exact
+        self.tail.eval()   # nor the tail's own CNN head dropout (Tail is not inside wrap)
         return self
 
     def trainable(self):
@@ -384,6 +385,10 @@ def wise_ft(student, alpha):
         start = {k: v for k, v in start.items() if k in dict(out.branch.named_parameters())}
     for name, p in out.branch.named_parameters():
         p.lerp_(start[name].to(p.dtype), 1 - alpha)
+    start = dict(out.tail.named_buffers())   # BN running statistics move with their weights (CNN students)
+    for name, b in out.branch.named_buffers():
+        if b.is_floating_point():
+            b.lerp_(start[name].to(b.dtype), 1 - alpha)
     for head in (out.head_robust, out.head_combined):
         for p, p0 in zip(head.parameters(), out.head_clean.parameters()):
             p.lerp_(p0.to(p.dtype), 1 - alpha)
@@ -395,7 +400,7 @@ def fingerprint(model):
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -451,9 +456,9 @@ def load_teacher(spec, num_classes, classes, size):
     if os.path.isfile(spec):
         teacher, ckpt = load_model(spec, "--teacher")
         if ckpt["num_classes"] != num_classes or ckpt.get("class_names", classes) != classes:
-            raise UserError(f"--teacher: {spec} predicts {ckpt['num_classes']} classes "
-                            f"({', '.join(map(str, ckpt.get('class_names', [])[:3]))}, ...); the student's data has "
-                            f"{num_classes}; train the teacher on the same label space")
+            raise UserError(f"--teacher: {spec} was trained on another label space ({ckpt['num_classes']} classes: "
+                            f"{', '.join(map(str, ckpt.get('class_names', [])[:3]))}, ...) than the student's data "
+                            f"({num_classes}: {', '.join(map(str, classes[:3]))}, ...); train it on the same classes")
     else:
         model = create_model(spec, num_classes, pretrained=True)
         teacher = Normalized(model, model_data_config(model, size)).eval()
@@ -483,7 +488,7 @@ def build_optimizer(student, opt, lr, weight_decay, device):
 
 
 @torch.no_grad()
-def head_accuracy(student, loader, device, autocast):
+def head_accuracy(student, loader, device, autocast, mc_samples=1):
     """Top-1 (%) of each head and of the selector on a loader, reduced over ranks."""
     student.eval()
     correct, total = [0, 0, 0, 0], 0
@@ -492,12 +497,33 @@ def head_accuracy(student, loader, device, autocast):
             continue
         x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         with autocast():
-            logits = student(x)
-        for i, z in enumerate((*logits, select_head(*logits, student.tau)[0])):
+            logits = student(x, mc_samples=mc_samples)
+        heads = [z.float().softmax(-1).mean(0) if z.dim() == 3 else z for z in logits]
+        for i, z in enumerate((*heads, select_head(*logits, student.tau)[0])):
             correct[i] += (z.argmax(-1) == y).sum().item()
         total += len(y)
     sums = all_sum(correct + [total], device)
     return {name: 100.0 * c / max(1, sums[-1]) for name, c in zip((*HEADS, "auto"), sums[:-1])}
+
+
+def train_step(student, teacher, x, y, opt, scaler, autocast, kd_temp, kd_weight):
+    """One step of the method on x = [clean views; AugMix views] (2B images) and labels y (B).
+    student may be DDP-wrapped: a single forward call, so DDP sees every trainable parameter once."""
+    b = len(y)
+    with autocast():
+        # the frozen clean path runs only on the augmented half, where the KD target needs it
+        clean, robust, combined = student(x, clean_rows=slice(b, None) if teacher is not None else slice(0, 0))
+        q = None
+        if teacher is not None:
+            with torch.inference_mode():
+                t_logits = teacher(x[b:])
+            q = kd_target(t_logits.clone(), clean, kd_temp)[0]   # clone: a normal tensor, usable by autograd
+    loss = method_loss(robust[b:], combined[:b], combined[b:], y, q, kd_temp, kd_weight)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach()
 
 
 def check_args(args):
@@ -531,11 +557,11 @@ def distill(args):
     kwargs = parse_kwargs(args.model_kwargs)
 
     # Wrap order: build -> load weights into the bare module -> to(device) -> compile -> DDP.
+    teacher = load_teacher(args.teacher, len(classes), classes, native_size(args.dataset))
     model = create_model(arch, len(classes), args.pretrained, args.pretrained_file, kwargs)
     base = base_record(args, arch, model, len(classes), kwargs)
     cfg = model_data_config(model, native_size(args.dataset))
     student = BranchStudent(model, cfg, args.tune_last, args.branch_dropout)
-    teacher = load_teacher(args.teacher, len(classes), classes, native_size(args.dataset))
     start = load_checkpoint(args.resume) if args.resume else None
     if start is not None:
         if start.get("kind") != "delta" or start["base"]["fingerprint"] != base["fingerprint"] or start["k"] != student.k:
@@ -568,6 +594,8 @@ def distill(args):
     autocast, scaler = amp_setup(device, args.amp, args.amp_dtype)
     epoch, step, best, accs = 0, 0, -1.0, None
     if start is not None:
+        if start["optimizer"] is None:
+            raise UserError(f"--resume: {args.resume} holds no optimizer state (a best.pt); resume from last.pt")
         opt.load_state_dict(start["optimizer"])
         if start.get("scaler"):
             scaler.load_state_dict(start["scaler"])
@@ -594,19 +622,9 @@ def distill(args):
             b = len(y)
             x = torch.cat([x_clean, x_aug]).to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
-            set_lr(opt, lr := lr_at(step, total, args.lr, args.sched, warmup, args.ssfd_peak))
-            with autocast():
-                clean, robust, combined = ddp(x, clean_rows=slice(b, None) if teacher is not None else slice(0, 0))
-                q = None
-                if teacher is not None:
-                    with torch.inference_mode():
-                        t_logits = teacher(x[b:])
-                    q = kd_target(t_logits.clone(), clean, args.kd_temp)[0]
-            loss = method_loss(robust[b:], combined[:b], combined[b:], y, q, args.kd_temp, args.kd_weight)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            lr = lr_at(step, total, args.lr, args.sched, warmup, args.ssfd_peak)
+            set_lr(opt, lr)
+            loss = train_step(ddp, teacher, x, y, opt, scaler, autocast, args.kd_temp, args.kd_weight)
             step += 1
             seen += b * world
             loss_sum += loss.item()
@@ -615,7 +633,7 @@ def distill(args):
         train_time = time.time() - t0
         if calib_set is not None:
             student.tau = calibrate_tau(student, calib_loader, device, args.tau_quantile, args.mc_samples, autocast)
-        accs = head_accuracy(student, val_loader, device, autocast)
+        accs = head_accuracy(student, val_loader, device, autocast, args.mc_samples)
         skipped = all_sum([skipped_images(train_set) - skipped0], device)[0]
         is_best = accs["auto"] > best
         best = max(best, accs["auto"])
@@ -633,7 +651,7 @@ def distill(args):
                         val=accs, metric=accs["auto"], best_metric=best, args=vars(args))
             save_checkpoint(ckpt, os.path.join(args.output, "last.pt"))
             if is_best:
-                save_checkpoint(ckpt, os.path.join(args.output, "best.pt"))
+                save_checkpoint(dict(ckpt, optimizer=None, scaler=None), os.path.join(args.output, "best.pt"))
         if args.stop_after and epoch >= args.stop_after:
             break
     result = dict(student=arch, k=student.k, teacher=args.teacher, opt=args.opt, epochs_done=epoch, step=step, lr=lr,

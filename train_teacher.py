@@ -463,6 +463,8 @@ def train(args):
     autocast, scaler = amp_setup(device, args.amp, args.amp_dtype)
     epoch, step, best, acc = 0, 0, -1.0, None
     if args.resume:
+        if start["optimizer"] is None:
+            raise UserError(f"--resume: {args.resume} holds no optimizer state (a best.pt); resume from last.pt")
         opt.load_state_dict(start["optimizer"])
         if start.get("scaler"):
             scaler.load_state_dict(start["scaler"])
@@ -528,7 +530,7 @@ def train(args):
                         epoch=epoch, step=step, metric=acc, best_metric=best, args=vars(args))
             save_checkpoint(ckpt, os.path.join(args.output, "last.pt"))
             if is_best:
-                save_checkpoint(ckpt, os.path.join(args.output, "best.pt"))
+                save_checkpoint(dict(ckpt, optimizer=None, scaler=None), os.path.join(args.output, "best.pt"))
         if args.stop_after and epoch >= args.stop_after:
             break
     agree = ranks_agree(net, device)

@@ -1,0 +1,438 @@
+"""CPU tests of the method, distill_partial.py: tiny timm students (pretrained=False), a tiny resnet teacher,
+Fashion-MNIST subsets. The scripts run in-process (torch + timm cost ~12 s per process), except torchrun.
+
+    HF_HUB_OFFLINE=1 python -m pytest -q test_distill.py
+"""
+import copy
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import distill_partial as dp  # noqa: E402
+import train_teacher as tt  # noqa: E402
+from data import FASHION_MNIST_CLASSES, UserError, fashion_mnist, make_loader  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VIT, VIT_KW = "vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
+CNN, CNN_KW = "resnet18", dict(layers=[1, 1, 1, 1], channels=[8, 16, 32, 64])
+FMNIST = ["--dataset", "fashion-mnist", "--train-subset", "96", "--val-subset", "32", "--calib-size", "32",
+          "-b", "16", "-j", "0"]
+STEPS_PER_EPOCH = (96 - 32) // 16
+DELTA_KEYS = ("branch.", "head_robust.", "head_combined.")
+
+
+def kw_args(kw):
+    """{'layers': [1, 1, 1, 1]} -> ['layers=[1,1,1,1]'], the --model-kwargs spelling."""
+    return [f"{k}={v}".replace(" ", "") for k, v in kw.items()]
+
+
+TINY_CNN = ["--student", CNN, "--model-kwargs", *kw_args(CNN_KW)]
+
+
+def run_distill(argv):
+    """distill_partial.main(argv) -> (final result, the BranchStudent it trained, still in memory)."""
+    made = []
+
+    class Recorded(dp.BranchStudent):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dp, "BranchStudent", Recorded)
+        result = dp.main(argv)
+    return result, made[-1]
+
+
+def one_line_error(capsys, argv):
+    """distill_partial.main must fail on this input: exit status 2, one stderr line, no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        dp.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def images(n, seed):
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same(a, b, where=""):
+    """Nested checkpoint values (dicts, lists, tensors, numbers) are identical."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+# ----------------------------------------------------------------------------- shared runs (made once)
+
+def save_base(path, seed):
+    """A 'pre-trained' ViT student in this project's checkpoint schema (what --pretrained-file reads)."""
+    torch.manual_seed(seed)
+    model = tt.create_model(VIT, 10, model_kwargs=VIT_KW)
+    torch.save(dict(schema=tt.SCHEMA, kind="model", arch=VIT, model_kwargs=VIT_KW, num_classes=10,
+                    class_names=list(FASHION_MNIST_CLASSES), data_config=tt.model_data_config(model, 32),
+                    model=model.state_dict()), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("distill")
+
+
+@pytest.fixture(scope="session")
+def teacher(root):
+    out = str(root / "teacher")
+    tt.main(["--dataset", "fashion-mnist", "--train-subset", "64", "--val-subset", "32", "--epochs", "1",
+             "-b", "32", "-j", "0", "--arch", CNN, "--model-kwargs", *kw_args(CNN_KW), "--output", out])
+    return os.path.join(out, "best.pt")
+
+
+@pytest.fixture(scope="session")
+def vit_argv(root, teacher):
+    base = save_base(root / "student_base.pt", seed=1)
+    return FMNIST + ["--student", VIT, "--model-kwargs", *kw_args(VIT_KW), "--pretrained-file", base,
+                     "--teacher", teacher, "--tune-last", "2"]
+
+
+@pytest.fixture(scope="session")
+def vit_runs(root, vit_argv):
+    """A: 2 epochs. B: 2 epochs stopped after 1 (its best.pt is the in-memory student). C: B resumed."""
+    a = run_distill(vit_argv + ["--epochs", "2", "--output", str(root / "vit_a")])
+    b = run_distill(vit_argv + ["--epochs", "2", "--stop-after", "1", "--output", str(root / "vit_b")])
+    c = run_distill(vit_argv + ["--epochs", "2", "--resume", str(root / "vit_b" / "last.pt"),
+                                "--output", str(root / "vit_c")])
+    return dict(a=a, b=b, c=c)
+
+
+@pytest.fixture(scope="session")
+def ftp_runs(root, teacher):
+    """The same A / B / C runs with a CNN student and --opt ftp (FTP state must survive the resume)."""
+    argv = FMNIST + TINY_CNN + ["--teacher", teacher, "--tune-last", "2", "--opt", "ftp", "--lr", "3e-3"]
+    a = run_distill(argv + ["--epochs", "2", "--output", str(root / "ftp_a")])
+    b = run_distill(argv + ["--epochs", "2", "--stop-after", "1", "--output", str(root / "ftp_b")])
+    c = run_distill(argv + ["--epochs", "2", "--resume", str(root / "ftp_b" / "last.pt"),
+                            "--output", str(root / "ftp_c")])
+    return dict(a=a, b=b, c=c)
+
+
+# ----------------------------------------------------------------------------- the branch student
+
+def tiny_student(family, k, seed=0):
+    """(student, reference): a BranchStudent around a fresh timm model, and an untouched eval-mode copy of
+    that model wrapped the same way. Dropout and stochastic depth are on, to catch a frozen part in train mode."""
+    torch.manual_seed(seed)
+    if family == "vit":
+        model = tt.create_model(VIT, 10, model_kwargs=VIT_KW, drop_rate=0.2, drop_path_rate=0.2)
+    else:
+        model = tt.create_model(CNN, 10, model_kwargs=CNN_KW, drop_rate=0.2)
+    cfg = tt.model_data_config(model, 32)
+    ref = tt.Normalized(copy.deepcopy(model), cfg).eval()
+    return dp.BranchStudent(model, cfg, k, branch_dropout=0.1), ref
+
+
+@pytest.mark.parametrize("family,k", [("vit", 2), ("cnn", 2), ("cnn", "all")])
+def test_clean_head_is_the_original_model_bit_for_bit(family, k):
+    student, ref = tiny_student(family, k)
+    x = images(6, seed=1)
+    frozen = {n: t.clone() for n, t in student.model.state_dict().items()}   # trunk, tail, clean head, BN stats
+    with torch.no_grad():
+        clean, robust, combined = student.eval()(x)
+        want = ref(x)
+    assert torch.equal(clean, want)
+    assert torch.equal(robust, want) and torch.equal(combined, want)   # branch and new heads start as copies
+
+    opt = dp.build_optimizer(student, "adamw", 1e-2, 0.05, torch.device("cpu"))
+    g = torch.Generator().manual_seed(2)
+    for step in range(3):
+        student.train()
+        xc, xa = images(4, seed=10 + step), images(4, seed=20 + step)
+        y = torch.randint(0, 10, (4,), generator=g)
+        t_logits = torch.randn(4, 10, generator=g) * 3
+        clean, robust, combined = student(torch.cat([xc, xa]), clean_rows=slice(4, None))
+        with torch.no_grad():
+            assert torch.equal(clean, ref(xa))   # exact in train mode too: the KD target's frozen side
+        q = dp.kd_target(t_logits, clean, 2.0)[0]
+        loss = dp.method_loss(robust[4:], combined[:4], combined[4:], y, q, 2.0, 0.5)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for name, p in student.named_parameters():
+            trainable = name.startswith(DELTA_KEYS)
+            assert p.requires_grad == trainable, name
+            assert (p.grad is not None) == trainable, name   # never backpropagate into trunk/tail/clean head
+        opt.step()
+
+    for name, t in student.model.state_dict().items():
+        assert torch.equal(t, frozen[name]), name   # parameters and buffers of the frozen model untouched
+    with torch.no_grad():
+        clean, robust, combined = student.eval()(x)
+    assert torch.equal(clean, ref(x))
+    assert not torch.allclose(robust, clean) and not torch.allclose(combined, clean)   # the branch did train
+
+
+def test_tune_last_all_trains_every_block(root):
+    out = str(root / "all")
+    result = dp.main(FMNIST + TINY_CNN + ["--teacher", "none", "--tune-last", "all", "--epochs", "1",
+                                          "--output", out])
+    assert result["k"] == 4 and result["step"] == STEPS_PER_EPOCH
+    ckpt = load(os.path.join(out, "last.pt"))
+    base = dp.build_base(ckpt["base"])
+    delta = ckpt["model"]
+    body = {n: t for n, t in base.state_dict().items() if not n.startswith("fc.")}
+    # The branch is a full copy of the network minus its classifier (replaced by the two new heads) ...
+    assert {k for k in delta if k.startswith("branch.")} == {"branch.model." + n for n in body}
+    # ... and every parameter of it moved, the stem included.
+    for name, p in base.named_parameters():
+        if not name.startswith("fc."):
+            assert not torch.equal(delta["branch.model." + name], p), name
+    for head in ("head_robust", "head_combined"):
+        assert not torch.equal(delta[f"{head}.weight"], base.fc.weight)
+    assert result["trainable_params"] == sum(p.numel() for n, p in base.named_parameters()
+                                             if not n.startswith("fc.")) + 2 * (64 * 10 + 10)
+
+
+@pytest.mark.parametrize("value,needle", [("0", "--tune-last 0"), ("9", "--tune-last 9"),
+                                          ("two", "--tune-last 'two'")])
+def test_bad_tune_last_is_one_line(root, capsys, value, needle):
+    err = one_line_error(capsys, FMNIST + TINY_CNN + ["--teacher", "none", "--tune-last", value,
+                                                      "--output", str(root / f"bad_k_{value}")])
+    assert needle in err
+    if value == "9":
+        assert "4 blocks" in err
+
+
+# ----------------------------------------------------------------------------- losses
+
+def softmax(z):
+    e = torch.exp(z - z.max(-1, keepdim=True).values)
+    return e / e.sum(-1, keepdim=True)
+
+
+def test_kd_target_and_method_loss_by_hand():
+    T, lam, C = 2.0, 0.3, 4
+    teacher = torch.tensor([[6.0, 0.0, 0.0, 0.0], [0.1, 0.0, -0.1, 0.0], [1.0, 2.0, 0.5, -1.0]])
+    student = torch.tensor([[0.2, 0.1, 0.0, -0.1], [0.0, 7.0, 0.0, 0.0], [-1.0, 0.0, 3.0, 1.0]])
+    t, o = softmax(teacher / T), softmax(student / T)
+    conf_t = 1 + (t * torch.log(t)).sum(-1) / math.log(C)   # 1 - H(t) / log C
+    conf_o = 1 + (o * torch.log(o)).sum(-1) / math.log(C)
+    w = conf_t / (conf_t + conf_o)
+    q_want = w[:, None] * t + (1 - w[:, None]) * o
+    q, w_got = dp.kd_target(teacher, student, T)
+    torch.testing.assert_close(w_got, w, rtol=0, atol=1e-5)
+    torch.testing.assert_close(q, q_want, rtol=0, atol=1e-5)   # w carries 1e-6 guards against 0/0
+    torch.testing.assert_close(q.sum(-1), torch.ones(3))
+    # Student flat, teacher sure: the target follows the teacher; the reverse keeps the student's knowledge.
+    assert w_got[0] > 0.9 and (q[0] - t[0]).abs().sum() < (q[0] - o[0]).abs().sum()
+    assert w_got[1] < 0.1 and (q[1] - o[1]).abs().sum() < (q[1] - t[1]).abs().sum()
+
+    robust = torch.tensor([[1.0, 0.0, -1.0, 0.5], [0.0, 2.0, 0.0, 0.0], [0.3, 0.2, 0.1, 0.0]])
+    comb_clean = torch.tensor([[0.0, 1.0, 0.0, 0.0], [2.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    comb_aug = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0], [1.0, -1.0, 1.0, -1.0]])
+    y = torch.tensor([0, 1, 2])
+
+    def ce(z):
+        return -torch.log(softmax(z)[torch.arange(3), y]).mean()
+
+    p = softmax(robust / T)
+    kl = (q_want * (torch.log(q_want) - torch.log(p))).sum(-1).mean()   # KL(q || p), batch mean
+    want = (1 - lam) * ce(robust) + lam * T * T * kl + ce(comb_clean) + ce(comb_aug)
+    torch.testing.assert_close(dp.method_loss(robust, comb_clean, comb_aug, y, q, T, lam), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dp.method_loss(robust, comb_clean, comb_aug, y, None, T, lam),   # no teacher
+                               ce(robust) + ce(comb_clean) + ce(comb_aug), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- head selection
+
+def test_select_head_by_hand():
+    tau = 0.1
+    clean = torch.tensor([[2.0, 0.0, 0.0], [3.0, 0.0, 0.0], [3.0, 0.0, 0.0]])
+    robust = torch.tensor([[2.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.3, 0.0]])     # row 0: agrees with clean
+    combined = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 6.0]])
+    pc, pr, pm = softmax(clean), softmax(robust), softmax(combined)
+    s_want = (pc * (torch.log(pc) - torch.log(pr))).sum(-1)
+    log_p, choice, s = dp.select_head(clean, robust, combined, tau)
+    torch.testing.assert_close(s, s_want)
+    assert s[0] <= tau < s[1] and tau < s[2]
+    assert choice.tolist() == [0, 1, 2]   # in-distribution -> clean; else the lower-entropy head
+    torch.testing.assert_close(log_p, torch.log(torch.stack([pc[0], pr[1], pm[2]])))
+    # A tau above every score sends everything to the clean head.
+    assert dp.select_head(clean, robust, combined, float(s.max()) + 1)[1].tolist() == [0, 0, 0]
+
+
+def test_calibration_and_forced_heads(vit_runs):
+    student = copy.deepcopy(vit_runs["b"][1])   # tau is set below; the shared student keeps its own
+    val = fashion_mnist("val")
+    calib = torch.utils.data.Subset(val, range(0, 480))   # 480 + 480: the 5% tail is ~24 images, not noise
+    held = torch.stack([val[i][0] for i in range(480, 960)])
+    loader = make_loader(calib, 120, 0, False)
+    tau = dp.calibrate_tau(student, loader, torch.device("cpu"), quantile=0.95)
+
+    # The score s is select_head's (checked by hand above); s ~ 1e-3 is a difference of nearly equal logs, so
+    # a second formula would differ in the 4th digit. Same batches as calibrate_tau.
+    with torch.no_grad():
+        s = torch.cat([dp.select_head(*student(x), float("inf"))[2] for x, _ in loader])
+    assert len(s) == 480 and s.unique().numel() > 450   # the branch trained: scores are spread, not tied at 0
+    assert tau == float(torch.quantile(s, 0.95))
+    assert 0.03 <= (s > tau).float().mean().item() <= 0.07   # ~5% of the clean slice leaves the clean head
+
+    student.tau = tau
+    with torch.no_grad():
+        c, r, m = student(held)
+    for head, want in (("clean", c), ("robust", r), ("combined", m)):
+        assert torch.equal(dp.predict(student, held, head), want)   # forced heads: exactly that head's logits
+    log_p, choice, _ = dp.select_head(c, r, m, tau)
+    assert torch.equal(dp.predict(student, held, "auto"), log_p)
+    assert (choice == 0).float().mean() >= 0.9   # unseen clean images mostly keep the original model's answer
+    torch.testing.assert_close(log_p[choice == 0], F.log_softmax(c, -1)[choice == 0])
+
+
+# ----------------------------------------------------------------------------- the script's runs
+
+def test_resume_equals_uninterrupted(root, vit_runs, ftp_runs):
+    for runs, name in ((vit_runs, "vit"), (ftp_runs, "ftp")):
+        (ra, _), (rb, _), (rc, _) = runs["a"], runs["b"], runs["c"]
+        assert rb["epochs_done"] == 1 and ra["epochs_done"] == rc["epochs_done"] == 2
+        for key in ("step", "lr", "tau", "val", "best_auto"):
+            assert ra[key] == rc[key], (name, key)
+        assert rc["step"] == 2 * STEPS_PER_EPOCH
+        a, c = (load(root / f"{name}_{x}" / "last.pt") for x in "ac")
+        assert_same(a["model"], c["model"], f"{name}.model")
+        assert_same(a["optimizer"], c["optimizer"], f"{name}.optimizer")   # FTP anchors/radii too
+        for key in ("epoch", "step", "tau", "val", "best_metric"):
+            assert a[key] == c[key], (name, key)
+        log_a, log_c = ([json.loads(line) for line in open(root / f"{name}_{x}" / "log.jsonl")] for x in "ac")
+        assert log_a[1]["train_loss"] == log_c[0]["train_loss"] and log_c[0]["epoch"] == 2
+
+
+def test_ftp_keeps_branch_rows_in_their_balls(root, ftp_runs):
+    _, student = ftp_runs["a"]
+    ckpt = load(root / "ftp_a" / "last.pt")
+    opt = ckpt["optimizer"]
+    branch, heads = opt["param_groups"]
+    assert branch["project"] is True and heads["project"] is False
+    names = [n for n, _ in student.branch.named_parameters()]
+    tail = dict(student.tail.named_parameters())
+    assert len(branch["params"]) == len(names)
+    bound = []
+    for i, name in zip(branch["params"], names):
+        state, p = opt["state"][i], ckpt["model"]["branch." + name]
+        assert torch.equal(state["anchor"], tail[name])   # the anchor is the starting (frozen tail) weight
+        dev = p - state["anchor"]
+        rows = dev.abs().reshape(dev.shape[0], -1).sum(1) if dev.dim() >= 2 else dev.abs().sum().reshape(1)
+        assert (rows <= state["radius"] * (1 + 1e-5) + 1e-7).all(), name
+        bound.append((rows.max() / state["radius"]).item())
+    assert max(bound) > 0.99   # the projection is active, not a no-op
+    for i in heads["params"]:
+        assert "anchor" not in opt["state"][i] and "radius" not in opt["state"][i]   # heads move freely
+
+
+@pytest.mark.parametrize("which", ["vit", "ftp"])
+def test_wise_ft_endpoints(vit_runs, ftp_runs, which):
+    _, student = (vit_runs if which == "vit" else ftp_runs)["a"]
+    x = images(8, seed=3)
+    with torch.no_grad():
+        clean, robust, combined = student.eval()(x)
+        c0, r0, m0 = dp.wise_ft(student, 0.0).eval()(x)
+        c1, r1, m1 = dp.wise_ft(student, 1.0).eval()(x)
+    assert not torch.allclose(robust, clean, atol=1e-4)
+    assert torch.equal(c0, clean) and torch.equal(c1, clean)
+    torch.testing.assert_close(r0, clean, rtol=0, atol=1e-6)   # alpha 0: the original model
+    torch.testing.assert_close(m0, clean, rtol=0, atol=1e-6)
+    assert torch.equal(r1, robust) and torch.equal(m1, combined)   # alpha 1: the tuned student
+    half = dict(dp.wise_ft(student, 0.5).branch.named_parameters())
+    tail = dict(student.tail.named_parameters())
+    for name, p in student.branch.named_parameters():
+        torch.testing.assert_close(half[name], (p + tail[name]) / 2)
+    half, tail = dict(dp.wise_ft(student, 0.5).branch.named_buffers()), dict(student.tail.named_buffers())
+    for name, b in student.branch.named_buffers():   # BN running statistics (CNN) interpolate with the weights
+        if b.is_floating_point():
+            torch.testing.assert_close(half[name], (b + tail[name]) / 2)
+    assert bool(half) == (which == "ftp")   # only the CNN has BN buffers
+
+
+def test_delta_checkpoint_rebuilds_the_student(root, vit_runs):
+    _, student = vit_runs["b"]   # one epoch: best.pt is what is in memory now
+    path = str(root / "vit_b" / "best.pt")
+    loaded, ckpt = dp.load_student(path)
+    assert ckpt["epoch"] == 1 and loaded.tau == student.tau
+    x = images(8, seed=4)
+    with torch.no_grad():
+        for got, want in zip(loaded(x), student.eval()(x)):
+            assert torch.equal(got, want)
+        assert torch.equal(dp.predict(loaded, x, "auto"), dp.predict(student, x, "auto"))
+    # Only the delta is stored: branch and the two heads, nothing of the frozen model.
+    assert ckpt["model"].keys() == dp.delta_state(student).keys()
+    assert all(k.startswith(DELTA_KEYS) for k in ckpt["model"])
+    delta_bytes = sum(t.numel() * t.element_size() for t in ckpt["model"].values())
+    full_bytes = sum(t.numel() * t.element_size() for t in student.model.state_dict().values())
+    assert delta_bytes < 0.6 * full_bytes   # K=2 of 4 blocks: about half the model, plus two small heads
+    # On disk too, once the optimizer's moments (2x the delta; best.pt keeps them for --resume) are left out:
+    torch.save(student.model.state_dict(), root / "full_state.pt")
+    torch.save(dict(ckpt, optimizer=None), root / "delta_only.pt")
+    assert os.path.getsize(root / "delta_only.pt") < os.path.getsize(root / "full_state.pt")
+    # Other base weights are refused.
+    other = save_base(root / "other_base.pt", seed=2)
+    with pytest.raises(UserError, match="--base-file"):
+        dp.load_student(path, base_file=other)
+
+
+def test_teacher_with_another_label_space_is_one_line(root, teacher, vit_argv, capsys):
+    ckpt = load(teacher)
+    three = dict(ckpt, num_classes=3, class_names=["a", "b", "c"],
+                 model=dict(ckpt["model"], **{"fc.weight": ckpt["model"]["fc.weight"][:3],
+                                              "fc.bias": ckpt["model"]["fc.bias"][:3]}))
+    torch.save(three, root / "teacher3.pt")
+    shuffled = dict(ckpt, class_names=list(reversed(ckpt["class_names"])))   # 10 classes, other order
+    torch.save(shuffled, root / "teacher_shuffled.pt")
+    for name, needle in (("teacher3.pt", "(3 classes: a, b, c"), ("teacher_shuffled.pt", "(10 classes: ankle boot")):
+        argv = [a if a != teacher else str(root / name) for a in vit_argv]
+        err = one_line_error(capsys, argv + ["--epochs", "1", "--output", str(root / f"bad_{name}")])
+        assert "--teacher" in err and name in err and needle in err and "(10: t-shirt/top" in err
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes(root, vit_argv):
+    out = root / "ddp"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "distill_partial.py", *vit_argv, "--epochs", "2", "--output", str(out)]
+    p = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["args.json", "best.pt", "last.pt", "log.jsonl"]   # rank 0 only
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    assert [e.get("epoch") for e in log[:-1]] == [1, 2] and "final" in log[-1]   # written once per epoch
+    final = log[-1]["final"]
+    assert final["ranks_agree"] is True and final["epochs_done"] == 2
+    assert final["step"] == 2 * (96 - 32) // (16 * 2)   # each rank trains on half the images
+    printed = [line[line.index("final: ") + len("final: "):] for line in p.stdout.splitlines() if "final: " in line]
+    assert len(printed) == 1 and json.loads(printed[0]) == final   # only rank 0 prints
