@@ -185,11 +185,11 @@ class BranchStudent(nn.Module):
                 return self.tail(h)
         return self.branch(h)
 
-    def forward(self, x, clean_rows=None, mc_samples=1):
+    def forward(self, x, clean_rows=None, mc_samples=1, input_grad=False):
         """(clean, robust, combined) logits. clean_rows (a slice) limits the frozen clean path to
         those rows (training needs it only on the augmented view); mc_samples > 1 keeps dropout on and
-        returns robust/combined as [S, B, C]."""
-        with torch.no_grad():   # never backpropagate into the trunk
+        returns robust/combined as [S, B, C]; input_grad lets gradients reach x (for PGD)."""
+        with torch.enable_grad() if input_grad else torch.no_grad():   # never train the trunk
             h = trunk(self.model, self.wrap.normalize(x), self.k)
             hc = h if clean_rows is None else h[clean_rows]
             clean = self.head_clean(self.tail(hc)) if len(hc) else None
@@ -217,14 +217,15 @@ def select_head(clean, robust, combined, tau):
     return probs.clamp_min(1e-12).log(), choice, s
 
 
-@torch.no_grad()
-def predict(student, x, head="auto", mc_samples=1):
-    """Logits of one head ('clean', 'robust', 'combined') or of the selector ('auto')."""
-    clean, robust, combined = student(x, mc_samples=mc_samples)
-    if head == "auto":
-        return select_head(clean, robust, combined, student.tau)[0]
-    out = dict(clean=clean, robust=robust, combined=combined)[head]
-    return out.float().softmax(-1).mean(0).log() if out.dim() == 3 else out
+def predict(student, x, head="auto", mc_samples=1, grad=False):
+    """Logits of one head ('clean', 'robust', 'combined') or of the selector ('auto'); grad=True keeps
+    the graph to the input (PGD on the student's answer)."""
+    with torch.set_grad_enabled(grad):
+        clean, robust, combined = student(x, mc_samples=mc_samples, input_grad=grad)
+        if head == "auto":
+            return select_head(clean, robust, combined, student.tau)[0]
+        out = dict(clean=clean, robust=robust, combined=combined)[head]
+        return out.float().softmax(-1).mean(0).log() if out.dim() == 3 else out
 
 
 @torch.no_grad()
@@ -558,6 +559,7 @@ def distill(args):
 
     # Wrap order: build -> load weights into the bare module -> to(device) -> compile -> DDP.
     teacher = load_teacher(args.teacher, len(classes), classes, native_size(args.dataset))
+    torch.manual_seed(args.seed)   # a random-init base must be rebuildable from the seed alone (build_base)
     model = create_model(arch, len(classes), args.pretrained, args.pretrained_file, kwargs)
     base = base_record(args, arch, model, len(classes), kwargs)
     cfg = model_data_config(model, native_size(args.dataset))

@@ -480,6 +480,7 @@ def train(args):
     log(f"{args.arch}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, {len(train_set)} train / "
         f"{len(val_set)} val images, {len(classes)} classes, {world} process(es) on {device}")
 
+    t_start = time.time()
     while epoch < args.epochs:
         start_epoch(train_loader, epoch, args.seed, rank)
         net.train()
@@ -534,7 +535,9 @@ def train(args):
         if args.stop_after and epoch >= args.stop_after:
             break
     agree = ranks_agree(net, device)
-    result = dict(arch=args.arch, epochs_done=epoch, step=step, lr=lr, val_acc=acc, best_acc=best, ranks_agree=agree)
+    result = dict(arch=args.arch, epochs_done=epoch, step=step, lr=lr, val_acc=acc, best_acc=best,
+                  train_time_s=round(time.time() - t_start, 2),
+                  trainable_params=sum(p.numel() for p in net.parameters()), ranks_agree=agree)
     log("final: " + json.dumps(result), final=result)
     return result
 

@@ -1,0 +1,285 @@
+"""Tests for the batched ImageNet-C corruptions (CPU, generated images, fixed seeds).
+
+    python -m pytest -q test_corruptions.py
+"""
+import colorsys
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from data import CORRUPTION_FNS, CORRUPTIONS, EXTRA_CORRUPTIONS, corrupt, measure_corruption_throughput
+
+ALL = CORRUPTIONS + EXTRA_CORRUPTIONS
+# no random draw at all: the seed must not matter and each image is corrupted on its own
+DETERMINISTIC = ("defocus_blur", "zoom_blur", "brightness", "contrast", "pixelate", "jpeg_compression",
+                 "gaussian_blur", "saturate")
+RANDOM = tuple(n for n in ALL if n not in DETERMINISTIC)
+# jpeg_compression and frost go through torchvision.io, which announces its move to TorchCodec
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
+
+
+def natural_images(n, h, w=None, seed=0):
+    """Smooth structured colour images: a few oriented sinusoids per channel plus flat rectangles."""
+    w = w or h
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    images = []
+    for _ in range(n):
+        r = torch.rand(9, generator=g)
+        img = torch.stack([0.5 + 0.25 * torch.sin(2 * math.pi * 3 * (r[c] * xx + r[c + 3] * yy) + 6 * r[c + 6])
+                           for c in range(3)])
+        for _ in range(3):
+            a = torch.rand(2, generator=g)
+            y0, x0 = int(a[0] * h * 0.6), int(a[1] * w * 0.6)
+            img[:, y0:y0 + int(h * 0.3), x0:x0 + int(w * 0.3)] = torch.rand(3, 1, 1, generator=g)
+        images.append(img)
+    return torch.stack(images).clamp(0, 1)
+
+
+def structural_psnr(out, ref):
+    """PSNR (dB, mean over the batch) of out - ref after removing each channel's uniform shift: frost at
+    severity 1 (weights 1 * x + 0.3 * frost) mostly brightens, which plain PSNR counts as heavy damage."""
+    d = out - ref
+    d = d - d.mean(dim=(2, 3), keepdim=True)
+    return (10 * torch.log10(1 / d.pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10))).mean().item()
+
+
+def test_names_and_dispatch():
+    assert CORRUPTIONS == ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
+                           "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
+                           "elastic_transform", "pixelate", "jpeg_compression")
+    assert EXTRA_CORRUPTIONS == ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+    assert set(CORRUPTION_FNS) == set(ALL)
+    assert all(fn.__name__ == name for name, fn in CORRUPTION_FNS.items())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_contract(name):
+    x = natural_images(3, 32, 40)  # non-square catches H/W mix-ups
+    rng_state = torch.get_rng_state()
+    for severity in range(1, 6):
+        out = corrupt(x, name, severity, seed=1)
+        assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
+        assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+        assert torch.equal(out, corrupt(x, name, severity, seed=1))
+        other = corrupt(x, name, severity, seed=2)
+        if name in RANDOM:
+            assert not torch.equal(out, other), f"{name} severity {severity} ignores the seed"
+        else:
+            assert torch.equal(out, other)
+        assert (out - x).abs().max() > 1e-3, f"{name} severity {severity} leaves the image unchanged"
+    assert torch.equal(rng_state, torch.get_rng_state()), "the global RNG was used"
+    out64 = corrupt(x.double(), name, 3, seed=1)
+    assert out64.dtype == torch.float64
+    torch.testing.assert_close(out64.float(), corrupt(x, name, 3, seed=1), atol=1e-6, rtol=0)
+    out16 = corrupt(x.bfloat16(), name, 3, seed=1)
+    assert out16.dtype == torch.bfloat16 and out16.min() >= 0 and out16.max() <= 1
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_imagenet_size_branch(name):
+    """The 224-px (ImageNet-C) constants, non-square, at severity 5."""
+    x = natural_images(2, 128, 144)
+    out = corrupt(x, name, 5, seed=0)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert structural_psnr(out, x) < 35
+
+
+# Reference constants that are not monotone in image damage, so only severity 5 vs 1 is checked:
+# glass_blur (CIFAR/Tiny severity 1 has almost no pre-blur, so its shuffle shows more than at 2-3),
+# spatter (water at 1-3, mud at 4-5), saturate (1-2 desaturate, 3-5 oversaturate).
+NOT_MONOTONE = ("glass_blur", "spatter", "saturate")
+
+
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("name", [n for n in ALL if n != "elastic_transform"])
+def test_damage_grows_with_severity(name, size):
+    x = natural_images(8, size)
+    psnr = [structural_psnr(corrupt(x, name, s, seed=3), x) for s in range(1, 6)]
+    assert psnr[4] < psnr[0] - 0.3, f"{name} at {size} px: PSNR by severity {psnr}"
+    if name not in NOT_MONOTONE:
+        assert all(b <= a + 0.3 for a, b in zip(psnr, psnr[1:])), f"{name} at {size} px: {psnr}"
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_elastic_local_warp_grows_with_severity(size):
+    """Elastic's severity 1 (CIFAR, Tiny) is a pure random affine map; the local, non-affine part of the
+    warp then grows with severity. (Plain PSNR is dominated by the affine part, which the reference
+    shrinks as severity grows.) Read the warp off an image of its own pixel coordinates."""
+    n = 6
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64),
+                            indexing="ij")
+    ramp = torch.stack([xx / (size - 1), yy / (size - 1), torch.full_like(xx, 0.5)])[None].repeat(n, 1, 1, 1)
+    m = size // 4  # the centre, where the warp reads inside the image (bilinear reproduces a ramp exactly)
+    design = torch.stack([xx[m:-m, m:-m].flatten(), yy[m:-m, m:-m].flatten(), torch.ones((size - 2 * m) ** 2,
+                                                                                          dtype=torch.float64)], 1)
+    residual = []
+    for severity in range(1, 6):
+        out = corrupt(ramp, "elastic_transform", severity, seed=0)[:, :2, m:-m, m:-m] * (size - 1)
+        src = out.flatten(2).transpose(1, 2)  # [n, pixels, 2]: where each output pixel was read
+        fit = torch.linalg.lstsq(design.expand(n, -1, -1), src).solution
+        residual.append((design @ fit - src).pow(2).sum(-1).mean().sqrt().item())
+        if severity == 1:
+            assert (src - design[:, :2]).abs().max() > 0.2, "severity 1 should move the image"
+    assert residual[0] < 0.02, residual
+    assert all(b > a for a, b in zip(residual, residual[1:])), residual
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_batch_rows_equal_single_images(name):
+    x = natural_images(4, 64, 56)
+    batch = corrupt(x, name, 5)
+    for i in range(len(x)):
+        assert torch.equal(batch[i:i + 1], corrupt(x[i:i + 1], name, 5))
+
+
+@pytest.mark.parametrize("name", RANDOM)
+def test_random_draws_differ_per_image(name):
+    x = natural_images(1, 32).repeat(2, 1, 1, 1)
+    out = corrupt(x, name, 3, seed=0)
+    assert not torch.equal(out[0], out[1])
+
+
+def test_errors():
+    x = natural_images(1, 32)
+    with pytest.raises(ValueError, match="gaussian_noise.*saturate"):
+        corrupt(x, "gaussian", 1)
+    for bad in (0, 6, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="1 to 5"):
+            corrupt(x, "fog", bad)
+    with pytest.raises(ValueError, match="B, 3, H, W"):
+        corrupt(x[:, :1], "fog", 1)
+    with pytest.raises(ValueError, match="float"):
+        corrupt((x * 255).to(torch.uint8), "fog", 1)
+
+
+def _write_frost_files(folder, value=None):
+    """Six small stand-ins for the ImageNet-C frost images, written as the names and formats it ships."""
+    g = torch.Generator().manual_seed(0)
+    for i, name in enumerate(("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg", "frost6.jpg")):
+        if value is None:
+            img = (torch.rand(3, 6, 7, generator=g) * 255).to(torch.uint8)
+            img = torch.nn.functional.interpolate(img[None].float(), size=(90 + i, 110), mode="bilinear")[0]
+            img = img.round().to(torch.uint8)
+        else:
+            img = torch.full((3, 90, 110), value, dtype=torch.uint8)
+        data = torchvision.io.encode_png(img) if name.endswith(".png") else torchvision.io.encode_jpeg(img, quality=95)
+        (folder / name).write_bytes(data.numpy().tobytes())
+
+
+def test_frost_uses_frost_dir(tmp_path):
+    x = natural_images(4, 32)
+    _write_frost_files(tmp_path)
+    from_files = corrupt(x, "frost", 3, seed=0, frost_dir=str(tmp_path))
+    assert not torch.allclose(from_files, corrupt(x, "frost", 3, seed=0))  # procedural
+    assert torch.equal(from_files, corrupt(x, "frost", 3, seed=0, frost_dir=str(tmp_path)))
+    assert not torch.equal(from_files, corrupt(x, "frost", 3, seed=1, frost_dir=str(tmp_path)))
+    assert torch.equal(corrupt(x, "frost", 3, seed=0, frost_dir=str(tmp_path / "missing")),
+                       corrupt(x, "frost", 3, seed=0))  # no files there: the documented procedural fallback
+    big = corrupt(natural_images(2, 128), "frost", 2, seed=0, frost_dir=str(tmp_path))  # enlarged crops
+    assert big.shape == (2, 3, 128, 128)
+
+
+def test_frost_blend_weights(tmp_path):
+    """CIFAR-10-C frost severity 3 is 0.9 * x + 0.4 * frost (make_cifar_c.py)."""
+    x = natural_images(3, 32)
+    (tmp_path / "black").mkdir()
+    (tmp_path / "white").mkdir()
+    _write_frost_files(tmp_path / "black", 0)
+    _write_frost_files(tmp_path / "white", 255)
+    torch.testing.assert_close(corrupt(x, "frost", 3, frost_dir=str(tmp_path / "black")), 0.9 * x,
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(corrupt(x, "frost", 3, frost_dir=str(tmp_path / "white")),
+                               (0.9 * x + 0.4).clamp(0, 1), atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- parity with the reference code
+
+def _to_uint8_hwc(x):
+    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def test_jpeg_and_pixelate_match_pil():
+    x = natural_images(2, 64)
+    x = torch.from_numpy(_to_uint8_hwc(x)).permute(0, 3, 1, 2).float() / 255  # exactly representable in 8 bits
+    for severity, quality, ratio in ((1, 65, .9), (5, 25, .5)):  # Tiny ImageNet-C constants (64 px)
+        jpeg, pix = [], []
+        for img in _to_uint8_hwc(x):
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, "JPEG", quality=quality)
+            jpeg.append(np.asarray(Image.open(buf)))
+            small = Image.fromarray(img).resize((int(64 * ratio),) * 2, Image.BOX)
+            pix.append(np.asarray(small.resize((64, 64), Image.BOX)))
+        ours = corrupt(x, "jpeg_compression", severity).permute(0, 2, 3, 1).numpy() * 255
+        assert np.abs(ours - np.stack(jpeg)).mean() < 0.5  # same libjpeg: identical
+        ours = corrupt(x, "pixelate", severity).permute(0, 2, 3, 1).numpy() * 255
+        assert np.abs(ours - np.stack(pix)).max() <= 1.001  # PIL rounds to 8 bits between its two passes
+
+
+def test_brightness_and_saturate_match_hsv_round_trip():
+    x = natural_images(1, 32)
+    x[..., :4, :4] = 0.5  # grey pixels: skimage gives them hue 0, so saturate's offset tints them red
+    pixels = x[0].permute(1, 2, 0).reshape(-1, 3).double().numpy()
+    for name, severity, edit in (("brightness", 4, lambda h, s, v: (h, s, min(v + .2, 1))),
+                                 ("saturate", 5, lambda h, s, v: (h, min(s * 2.5 + .2, 1), v))):  # CIFAR constants
+        ref = np.array([colorsys.hsv_to_rgb(*edit(*colorsys.rgb_to_hsv(*p))) for p in pixels])
+        ours = corrupt(x, name, severity)[0].permute(1, 2, 0).reshape(-1, 3).double().numpy()
+        assert np.abs(ours - ref.clip(0, 1)).max() < 1e-5, name
+
+
+def test_blurs_match_scipy():
+    from scipy import ndimage
+    x = natural_images(2, 32)
+    xn = x.double().numpy()
+    ref = np.stack([[ndimage.gaussian_filter(c, 1.0, mode="nearest", truncate=4.0) for c in img] for img in xn])
+    torch.testing.assert_close(corrupt(x, "gaussian_blur", 5).double(), torch.from_numpy(ref).clamp(0, 1),
+                               atol=1e-5, rtol=0)  # CIFAR severity 5: sigma 1
+    zoomed = []
+    for img in xn.transpose(0, 2, 3, 1):
+        acc = img.copy()
+        for z in np.arange(1, 1.26, 0.01):  # CIFAR severity 5 zoom factors; the reference's clipped_zoom
+            ch = int(np.ceil(32 / z))
+            top = (32 - ch) // 2
+            big = ndimage.zoom(img[top:top + ch, top:top + ch], (z, z, 1), order=1)
+            trim = (big.shape[0] - 32) // 2
+            acc = acc + big[trim:trim + 32, trim:trim + 32]
+        zoomed.append(acc / 27)
+    torch.testing.assert_close(corrupt(x, "zoom_blur", 5).double(),
+                               torch.from_numpy(np.stack(zoomed).transpose(0, 3, 1, 2)).clamp(0, 1), atol=1e-5, rtol=0)
+
+
+def test_motion_blur_is_imagemagick_kernel():
+    """Impulse response of Tiny ImageNet-C motion blur, severity 3 (radius 10, sigma 2) equals ImageMagick's
+    MotionBlurImage kernel for some angle in [-45, 45]: taps exp(-i^2 / 8), i = 0..20, normalised, at
+    offsets (ceil(i cos a - 0.5), ceil(i sin a - 0.5)) on a one-sided line."""
+    x = torch.zeros(4, 3, 64, 64)
+    x[:, :, 32, 32] = 1
+    out = corrupt(x, "motion_blur", 3, seed=5)[:, 0].double()
+    i = torch.arange(21, dtype=torch.float64)
+    taps = torch.exp(-i ** 2 / 8)
+    taps = taps / taps.sum()
+    a = torch.deg2rad(torch.linspace(-45, 45, 9001, dtype=torch.float64))[:, None]
+    offsets = torch.stack([torch.ceil(i * torch.sin(a) - 0.5), torch.ceil(i * torch.cos(a) - 0.5)], -1).long()
+    patterns = torch.unique(offsets, dim=0)
+    matched = []
+    for img in out:
+        for k, pattern in enumerate(patterns):
+            expected = torch.zeros(64, 64, dtype=torch.float64)
+            expected.index_put_((32 - pattern[:, 0], 32 - pattern[:, 1]), taps, accumulate=True)
+            if (img - expected).abs().max() < 1e-6:
+                matched.append(k)
+                break
+        else:
+            pytest.fail("impulse response is not an ImageMagick motion-blur kernel")
+    assert len(set(matched)) > 1  # one random angle per image
+
+
+def test_measure_corruption_throughput():
+    speeds = measure_corruption_throughput(32, batch_size=4, repeats=1)
+    assert list(speeds) == list(ALL)
+    assert all(math.isfinite(v) and v > 0 for v in speeds.values())
