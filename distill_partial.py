@@ -217,15 +217,19 @@ def select_head(clean, robust, combined, tau):
     return probs.clamp_min(1e-12).log(), choice, s
 
 
+def answer(clean, robust, combined, head, tau):
+    """The logits a head gives ('clean', 'robust', 'combined'), or the selector's ('auto'), from the
+    three heads' outputs (robust/combined may carry MC samples [S, B, C])."""
+    if head == "auto":
+        return select_head(clean, robust, combined, tau)[0]
+    out = dict(clean=clean, robust=robust, combined=combined)[head]
+    return out.float().softmax(-1).mean(0).log() if out.dim() == 3 else out
+
+
 def predict(student, x, head="auto", mc_samples=1, grad=False):
-    """Logits of one head ('clean', 'robust', 'combined') or of the selector ('auto'); grad=True keeps
-    the graph to the input (PGD on the student's answer)."""
+    """Logits of one head or of the selector ('auto'); grad=True keeps the graph to the input (PGD)."""
     with torch.set_grad_enabled(grad):
-        clean, robust, combined = student(x, mc_samples=mc_samples, input_grad=grad)
-        if head == "auto":
-            return select_head(clean, robust, combined, student.tau)[0]
-        out = dict(clean=clean, robust=robust, combined=combined)[head]
-        return out.float().softmax(-1).mean(0).log() if out.dim() == 3 else out
+        return answer(*student(x, mc_samples=mc_samples, input_grad=grad), head, student.tau)
 
 
 @torch.no_grad()

@@ -1,0 +1,222 @@
+"""Speed and memory of the method against complete fine-tuning, and of the data pipeline.
+
+    python bench.py                                   # CPU defaults (ViT-S/16 at 224 px, batch 8)
+    python bench.py --student vit_l16 -b 64 --amp     # CUDA: bf16, the issue's setting
+    python bench.py --sections data,corrupt,eval      # pick sections
+
+Sections:
+  train    step time and peak memory of one distillation step (clean + AugMix view, teacher, KD
+           loss, backward, AdamW) for --tune-last 1, 2, N/6 and all (all = complete fine-tuning,
+           no teacher), each as a ratio to complete fine-tuning; achieved FLOP/s. Each K runs in a
+           fresh process so peak memory is its own (CUDA: max_memory_allocated; CPU: peak RSS growth
+           over the built model).
+  infer    inference cost of the auto-head student (K = N/6) relative to the original model
+  data     data pipeline images/s per worker: plain, AugMix (1 view), AugMix+JSD (2 views)
+  corrupt  corruption generation images/s for each of the 19 corruptions at 32 and 224 px
+  eval     evaluation images/s of the embedded benchmark's student and teacher (32 px)
+Timings are medians over --steps after --warmup; nothing here is asserted in tests.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import data
+from distill_partial import STUDENT_ALIASES, BranchStudent, build_optimizer, depth, predict, train_step
+from train_teacher import Normalized, amp_setup, create_model, model_data_config, parse_kwargs
+
+FMNIST_STUDENT = ("vit_tiny_patch16_224", ["img_size=32", "patch_size=8", "embed_dim=192", "depth=6", "num_heads=3"])
+FMNIST_TEACHER = ("resnet18", ["layers=[1,1,1,1]", "channels=[16,32,64,128]"])
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sections", default="train,infer,data,corrupt,eval", help="comma-separated sections")
+    p.add_argument("--student", default="vit_small_patch16_224", help="student: alias or timm name")
+    p.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE", help="student timm kwargs")
+    p.add_argument("--teacher", default="resnet18", help="teacher timm name (random weights: speed only)")
+    p.add_argument("--teacher-kwargs", nargs="*", default=[], metavar="KEY=VALUE", help="teacher timm kwargs")
+    p.add_argument("-b", "--batch-size", type=int, default=8, help="images per step (each with an AugMix view)")
+    p.add_argument("--num-classes", type=int, default=1000, help="classifier width")
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--tune-last", default=None, help="(internal) time one K in this process and print JSON")
+    p.add_argument("--data-images", type=int, default=400, help="images per data-pipeline measurement")
+    p.add_argument("--output", default=None, help="also write the results as JSON here")
+    return p
+
+
+def build(args, k, device):
+    """Student (branch of k blocks) and teacher, random weights, on the device."""
+    arch = STUDENT_ALIASES.get(args.student, args.student)
+    model = create_model(arch, args.num_classes, model_kwargs=parse_kwargs(args.model_kwargs))
+    student = BranchStudent(model, model_data_config(model), k, 0.1).to(device)
+    teacher = None
+    if k != "all":
+        t = create_model(args.teacher, args.num_classes, model_kwargs=parse_kwargs(args.teacher_kwargs))
+        teacher = Normalized(t, model_data_config(t)).to(device).eval().requires_grad_(False)
+    return student, teacher
+
+
+def timed(fn, steps, warmup, device):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_one_k(args, device):
+    """One training configuration, in this process: step time, peak memory, FLOP/s."""
+    from torch.utils.flop_counter import FlopCounterMode
+    k = args.tune_last if args.tune_last == "all" else int(args.tune_last)
+    student, teacher = build(args, k, device)
+    size = student.wrap.size
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2 * args.batch_size, 3, *size, generator=g).to(device)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
+    opt = build_optimizer(student, "adamw", 1e-4, 0.05, device)
+    autocast, scaler = amp_setup(device, args.amp, "bf16")
+    student.train()
+
+    def step():
+        train_step(student, teacher, x, y, opt, scaler, autocast, 2.0, 0.5)
+
+    step()  # allocate optimizer state before the memory baseline
+    base_rss = peak_rss_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base_cuda = torch.cuda.memory_allocated()
+    sec = timed(step, args.steps, args.warmup, device)
+    with FlopCounterMode(display=False) as fc:
+        step()
+    flops = fc.get_total_flops()
+    mem = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20 if device.type == "cuda" else None
+    return dict(k=k, depth=student.n_blocks, step_s=sec, img_s=args.batch_size / sec, tflops=flops / sec / 1e12,
+                trainable_m=sum(p.numel() for m in student.trainable() for p in m.parameters()) / 1e6,
+                peak_mem_mb=mem if mem is not None else peak_rss_mb(), rss_growth_mb=peak_rss_mb() - base_rss)
+
+
+def bench_train(args, argv):
+    """Every K in a fresh process (peak memory is per process), complete fine-tuning last."""
+    arch = STUDENT_ALIASES.get(args.student, args.student)
+    n = depth(create_model(arch, args.num_classes, model_kwargs=parse_kwargs(args.model_kwargs)))
+    ks = sorted({1, 2, max(1, n // 6)} - {n}) + ["all"]
+    rows = []
+    for k in ks:
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--tune-last", str(k)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    full = rows[-1]
+    for r in rows:
+        r["time_vs_full"] = r["step_s"] / full["step_s"]
+        r["mem_vs_full"] = r["peak_mem_mb"] / full["peak_mem_mb"]
+    return rows
+
+
+@torch.no_grad()
+def bench_infer(args, device):
+    arch = STUDENT_ALIASES.get(args.student, args.student)
+    model = create_model(arch, args.num_classes, model_kwargs=parse_kwargs(args.model_kwargs))
+    cfg = model_data_config(model)
+    original = Normalized(model, cfg).to(device).eval()
+    student = BranchStudent(model, cfg, max(1, depth(model) // 6)).to(device).eval()
+    student.tau = 0.0
+    x = torch.rand(args.batch_size, 3, *original.size).to(device)
+    autocast, _ = amp_setup(device, args.amp, "bf16")
+    with autocast():
+        t0 = timed(lambda: original(x), args.steps, args.warmup, device)
+        t1 = timed(lambda: predict(student, x, "auto"), args.steps, args.warmup, device)
+    return dict(original_img_s=args.batch_size / t0, auto_head_img_s=args.batch_size / t1, cost_ratio=t1 / t0)
+
+
+def bench_data(n):
+    """Images/s of one data-loading worker (one thread), for each view recipe."""
+    torch.set_num_threads(1)
+    train_tf, _ = data.image_transforms("fashion-mnist", None)
+    out = {}
+    for name, n_aug in (("plain", 0), ("augmix", 1), ("augmix_jsd", 2)):
+        ds = data.fashion_mnist("train", transform=data.Views(train_tf, data.augmix(), n_aug))
+        t0 = time.perf_counter()
+        for i in range(n):
+            ds[i]
+        out[name] = n / (time.perf_counter() - t0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    return out
+
+
+def bench_eval(device, batch=256):
+    from evaluate import eval_throughput
+    out = {}
+    for name, (arch, kw) in (("student", FMNIST_STUDENT), ("teacher", FMNIST_TEACHER)):
+        model = create_model(arch, 10, model_kwargs=parse_kwargs(kw))
+        net = Normalized(model, model_data_config(model, 32)).to(device).eval()
+        out[name] = eval_throughput(net, torch.rand(4 * batch, 3, 32, 32).to(device), batch)
+    return out
+
+
+def table(rows, cols):
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = get_parser().parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.tune_last:
+        print(json.dumps(bench_one_k(args, device)))
+        return
+    sections = args.sections.split(",")
+    env = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if device.type == "cuda" else
+               f"CPU, {os.cpu_count()} cores", threads=torch.get_num_threads(), amp=args.amp)
+    results = dict(env=env)
+    print(f"bench.py {' '.join(argv)}\n{env}\n")
+    if "train" in sections:
+        results["train"] = bench_train(args, argv)
+        print(f"Training step, {args.student}, batch {args.batch_size} (+ {args.batch_size} AugMix views)\n" +
+              table(results["train"], ["k", "step_s", "img_s", "time_vs_full", "peak_mem_mb", "mem_vs_full",
+                                       "trainable_m", "tflops"]) + "\n")
+    if "infer" in sections:
+        results["infer"] = bench_infer(args, device)
+        print("Inference, auto head (K = N/6) vs original\n" + table([results["infer"]], list(results["infer"])) + "\n")
+    if "data" in sections:
+        results["data"] = bench_data(args.data_images)
+        print("Data pipeline, images/s per worker (Fashion-MNIST, 32 px)\n" + table([results["data"]], list(results["data"])) + "\n")
+    if "corrupt" in sections:
+        results["corrupt"] = {s: data.measure_corruption_throughput(s, 64 if s <= 64 else 16, device) for s in (32, 224)}
+        rows = [dict(corruption=c, px32=results["corrupt"][32][c], px224=results["corrupt"][224][c])
+                for c in results["corrupt"][32]]
+        print("Corruption generation, images/s\n" + table(rows, ["corruption", "px32", "px224"]) + "\n")
+    if "eval" in sections:
+        results["eval"] = bench_eval(device)
+        print("Evaluation, images/s (32 px, batch 256)\n" + table([results["eval"]], list(results["eval"])) + "\n")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
