@@ -58,11 +58,12 @@ def build(args, k, device):
     """Student (branch of k blocks) and teacher, random weights, on the device."""
     arch = STUDENT_ALIASES.get(args.student, args.student)
     model = create_model(arch, args.num_classes, model_kwargs=parse_kwargs(args.model_kwargs))
-    student = BranchStudent(model, model_data_config(model), k, 0.1).to(device)
+    size = parse_kwargs(args.model_kwargs).get("img_size")
+    student = BranchStudent(model, model_data_config(model, size), k, 0.1).to(device)
     teacher = None
     if k != "all":
         t = create_model(args.teacher, args.num_classes, model_kwargs=parse_kwargs(args.teacher_kwargs))
-        teacher = Normalized(t, model_data_config(t)).to(device).eval().requires_grad_(False)
+        teacher = Normalized(t, model_data_config(t, size)).to(device).eval().requires_grad_(False)
     return student, teacher
 
 
@@ -137,7 +138,7 @@ def bench_train(args, argv):
 def bench_infer(args, device):
     arch = STUDENT_ALIASES.get(args.student, args.student)
     model = create_model(arch, args.num_classes, model_kwargs=parse_kwargs(args.model_kwargs))
-    cfg = model_data_config(model)
+    cfg = model_data_config(model, parse_kwargs(args.model_kwargs).get("img_size"))
     original = Normalized(model, cfg).to(device).eval()
     student = BranchStudent(model, cfg, max(1, depth(model) // 6)).to(device).eval()
     student.tau = 0.0

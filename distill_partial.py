@@ -39,7 +39,8 @@ from data import (UserError, Views, add_aug_args, add_data_args, augmix, build_d
                   image_transforms, make_loader, native_size, skipped_images, with_transform)
 from train_teacher import (SCHEMA, Normalized, RunLog, add_model_args, add_train_args, all_sum, amp_setup,
                            create_model, load_checkpoint, load_model, lr_at, model_data_config, parse_kwargs,
-                           progress, ranks_agree, run_main, save_checkpoint, set_lr, setup_distributed, start_epoch)
+                           progress, ranks_agree, restore_training, run_main, save_checkpoint, set_lr, setup_distributed,
+                           start_epoch)
 
 STUDENT_ALIASES = {
     "vit_b16": "vit_base_patch16_224.augreg2_in21k_ft_in1k",
@@ -600,12 +601,8 @@ def distill(args):
     autocast, scaler = amp_setup(device, args.amp, args.amp_dtype)
     epoch, step, best, accs = 0, 0, -1.0, None
     if start is not None:
-        if start["optimizer"] is None:
-            raise UserError(f"--resume: {args.resume} holds no optimizer state (a best.pt); resume from last.pt")
-        opt.load_state_dict(start["optimizer"])
-        if start.get("scaler"):
-            scaler.load_state_dict(start["scaler"])
-        epoch, step, best, accs, student.tau = start["epoch"], start["step"], start["best_metric"], start["val"], start["tau"]
+        epoch, step, best = restore_training(start, args.resume, opt, scaler)
+        accs, student.tau = start["val"], start["tau"]
     total = args.epochs * len(train_loader)
     warmup = int(args.warmup_epochs * len(train_loader))
     lr = lr_at(step, total, args.lr, args.sched, warmup, args.ssfd_peak)

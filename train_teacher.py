@@ -369,6 +369,16 @@ def evaluate(model, loader, device, autocast=contextlib.nullcontext):
     return 100.0 * correct / max(1, total)
 
 
+def restore_training(ckpt, path, opt, scaler):
+    """Optimizer and scaler state back from a last.pt; returns (epochs done, step, best metric)."""
+    if ckpt["optimizer"] is None:
+        raise UserError(f"--resume: {path} holds no optimizer state (a best.pt); resume from last.pt")
+    opt.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    return ckpt["epoch"], ckpt["step"], ckpt["best_metric"]
+
+
 def start_epoch(loader, epoch, seed, rank):
     """Everything random in an epoch (order, augmentation, dropout, PGD starts) follows from
     (seed, epoch, rank): resuming at an epoch boundary replays exactly what an uninterrupted run does."""
@@ -463,12 +473,8 @@ def train(args):
     autocast, scaler = amp_setup(device, args.amp, args.amp_dtype)
     epoch, step, best, acc = 0, 0, -1.0, None
     if args.resume:
-        if start["optimizer"] is None:
-            raise UserError(f"--resume: {args.resume} holds no optimizer state (a best.pt); resume from last.pt")
-        opt.load_state_dict(start["optimizer"])
-        if start.get("scaler"):
-            scaler.load_state_dict(start["scaler"])
-        epoch, step, best, acc = start["epoch"], start["step"], start["best_metric"], start["metric"]
+        epoch, step, best = restore_training(start, args.resume, opt, scaler)
+        acc = start["metric"]
     total = args.epochs * len(train_loader)
     warmup = int(args.warmup_epochs * len(train_loader))
     lr = lr_at(step, total, args.lr, args.sched, warmup, args.ssfd_peak)
