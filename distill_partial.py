@@ -176,7 +176,8 @@ class BranchStudent(nn.Module):
         return self
 
     def trainable(self):
-        return [m for m in (self.branch, self.head_robust, self.head_combined)]
+        """The modules that train: the branch and the two new heads."""
+        return [self.branch, self.head_robust, self.head_combined]
 
     def features(self, x, head="robust"):
         """Input features of a head: 'clean' -> frozen tail, else the branch (dropout not applied)."""

@@ -3,7 +3,6 @@
 Run: python -m pytest -q test_ftp.py
 """
 import copy
-import io
 import math
 
 import pytest
