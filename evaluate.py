@@ -34,8 +34,11 @@ Choices worth knowing:
   <name>@wise<alpha> with --wise-alpha (the student's branch and heads interpolated, no retraining).
 - Numbers are cached per (column, set, corruption, severity) in --output/cache, keyed by everything they
   depend on (checkpoint path, mtime and size, head, MC samples, subset, seed, ...): a rerun resumes.
-Writes --output/{results.json, acc_vs_severity.png, wise_sweep.png}; prints a markdown table and a last
-line `final: {json}`.
+- Routing diagnostics of a student's auto head, per set (clean, each corruption and severity, pooled per
+  severity): each head's top-1, the auto head's, the oracle's (any head right) and the share of images
+  sent to each head: whether head selection works on your data (results.json "routing", routing.md).
+Writes --output/{results.json, routing.md, acc_vs_severity.png, wise_sweep.png}; prints a markdown table (and
+the routing tables) and a last line `final: {json}`.
 """
 import argparse
 import functools
@@ -54,13 +57,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import (CORRUPTIONS, EXTRA_CORRUPTIONS, ImageFolderSafe, UserError, Views, add_data_args, check_image_folder,
-                  class_names, corrupt, fashion_mnist, image_transforms, make_loader, native_size, shift_labels, subset,
-                  timm_info, to_float)
+from data import (CORRUPTIONS, EXTRA_CORRUPTIONS, ImageFolderSafe, UserError, Views, add_data_args, augmix,
+                  check_image_folder, class_names, corrupt, fashion_mnist, image_transforms, make_loader, native_size,
+                  shift_labels, subset, timm_info, to_float)
 from train_teacher import (Normalized, all_sum, amp_setup, create_model, fraction, load_checkpoint, load_model,
                            model_data_config, parse_kwargs, pgd_attack, progress, run_main, setup_distributed)
 
-SHIFTS = ("clean", "c", "r", "sketch", "a", "v2")
+SHIFTS = ("clean", "c", "r", "sketch", "a", "v2", "augmix")
 SHIFT_DIRS = {"c": "imagenet-c", "r": "imagenet-r", "sketch": "imagenet-sketch", "a": "imagenet-a", "v2": "imagenetv2"}
 # AlexNet top-1 error per corruption, averaged over the 5 severities (Hendrycks & Dietterich 2019; REFERENCE.md)
 ALEXNET_ERR = {"gaussian_noise": 0.886428, "shot_noise": 0.894468, "impulse_noise": 0.922640,
@@ -68,6 +71,8 @@ ALEXNET_ERR = {"gaussian_noise": 0.886428, "shot_noise": 0.894468, "impulse_nois
                "snow": 0.866816, "frost": 0.826572, "fog": 0.819324, "brightness": 0.564592, "contrast": 0.853204,
                "elastic_transform": 0.646056, "pixelate": 0.717840, "jpeg_compression": 0.606500}
 ALEXNET_CLEAN_ERR = 0.4348
+# routing diagnostics of a student's auto head, counted per set next to its top-1
+ROUTE_FIELDS = ("to_clean", "to_robust", "to_combined", "clean", "robust", "combined", "oracle")
 
 
 def get_parser():
@@ -95,6 +100,8 @@ def get_parser():
     p.add_argument("--wise-alpha", default=None, help="delta checkpoints: WiSE-FT alphas, e.g. 0,0.25,0.5,0.75,1")
     p.add_argument("--shifts", default="clean,c", help=f"sets to score, from {','.join(SHIFTS)}")
     p.add_argument("--generate-c", action="store_true", help="corrupt the clean set on the fly with data.corrupt")
+    p.add_argument("--augmix-severity", type=int, default=6, help="--shifts augmix: the clean set under AugMix views "
+                   "of this severity (the training augmentation on held-out images: did the branch learn it?)")
     p.add_argument("--corruptions", default="default", help="names, or default (the 15 of mCE), extra (the 4), all")
     p.add_argument("--severities", default="1,2,3,4,5", help="corruption severities")
     p.add_argument("--frost-dir", default=None, help="folder with ImageNet-C's frost images (else procedural frost)")
@@ -204,6 +211,8 @@ def check_args(args):
     imagenet_sets = [s for s in shifts if s in ("r", "sketch", "a", "v2")]
     if args.dataset == "fashion-mnist" and imagenet_sets:
         raise UserError(f"--shifts {imagenet_sets[0]} is an ImageNet set; with --dataset fashion-mnist use clean and c")
+    if "augmix" in shifts and not 1 <= args.augmix_severity <= 10:
+        raise UserError(f"--augmix-severity {args.augmix_severity}: AugMix severities run from 1 to 10")
     if args.dataset == "fashion-mnist" and "c" in shifts and not args.generate_c:
         raise UserError("--shifts c with --dataset fashion-mnist needs --generate-c (no Fashion-MNIST-C on disk)")
     on_disk = [s for s in shifts if s in SHIFT_DIRS and not (s == "c" and args.generate_c)]
@@ -216,7 +225,7 @@ def check_args(args):
             if not os.path.isdir(path):
                 raise UserError(f"--data-root: {path} does not exist (needed by --shifts {s}); see the layouts in "
                                 f"evaluate.py's docstring" + (", or add --generate-c" if s == "c" else ""))
-    needs_clean = "clean" in shifts or ("c" in shifts and args.generate_c) or args.attack != "none"
+    needs_clean = bool({"clean", "augmix"} & set(shifts)) or ("c" in shifts and args.generate_c) or args.attack != "none"
     if needs_clean and args.dataset == "folder" and not os.path.isdir(clean_dir(args) or ""):
         raise UserError(f"the clean set {clean_dir(args) or ''} is missing; pass --data-dir (an ImageFolder root with "
                         f"val/) or --data-root with imagenet/val/")
@@ -250,6 +259,12 @@ class Column:
     family: str
     info: dict = field(default_factory=dict)
     attack: Callable | None = None
+    route: Callable | None = None       # a student's auto head: x -> (choice [B], [clean, robust, combined] logits)
+
+    @property
+    def n_counts(self):
+        """Numbers counted per set: correct; with `route` also routed to each head, each head correct, oracle."""
+        return 1 if self.route is None else 1 + len(ROUTE_FIELDS)
 
 
 def file_ident(path):
@@ -331,7 +346,7 @@ def last_batch(fn):
 def student_columns(path, name, args, alphas, text, n_classes, space, device):
     """Columns of a distill_partial.py delta checkpoint: one per head (--head all: clean, robust, combined,
     auto) of the student as trained or of each WiSE-FT interpolation; plus its zero-shot columns."""
-    from distill_partial import answer, load_student, predict, wise_ft
+    from distill_partial import HEADS, answer, load_student, predict, select_head, wise_ft
     student, ckpt = load_student(path, args.base_file, "--checkpoint")
     if ckpt["num_classes"] != n_classes:
         raise UserError(f"{path} predicts {ckpt['num_classes']} classes but {space} has {n_classes}; "
@@ -348,13 +363,17 @@ def student_columns(path, name, args, alphas, text, n_classes, space, device):
         s = student if alpha is None else wise_ft(student, alpha)
         vname = name if alpha is None else f"{name}@wise{alpha:g}"
         heads_of = last_batch(functools.partial(s, mc_samples=args.mc_samples))   # one forward for all heads
+
+        def route(x, s=s, heads_of=heads_of):
+            out = heads_of(x)
+            return select_head(*out, s.tau)[1], [answer(*out, h, s.tau) for h in HEADS]
         for h in heads:
             cols.append(Column(vname if len(heads) == 1 else f"{vname}:{h}",
                                lambda x, s=s, h=h, heads_of=heads_of: answer(*heads_of(x), h, s.tau),
                                functools.partial(s.features, head="robust" if h == "auto" else h),
                                dict(ident, head=h, alpha=alpha), name,
                                dict(kind="delta", head=h, alpha=alpha, tau=s.tau, mc_samples=args.mc_samples),
-                               functools.partial(predict, s, head=h, grad=True)))
+                               functools.partial(predict, s, head=h, grad=True), route if h == "auto" else None))
         if text is not None:
             cols.append(zeroshot_column(f"{vname}:zeroshot-branch", [functools.partial(s.features, head="robust"),
                                         lambda x, s=s: s(x)[1]], text, size, device,
@@ -454,20 +473,35 @@ def make_tasks(args, shifts, corruptions, severities, classes, eval_tf):
         labels, columns = shift_labels(s)
         path = shift_dir(args.data_root, s)
         tasks.append(Task(s, folder(path, labels), columns=columns, source=os.path.abspath(path)))
+    if "augmix" in shifts:   # the views the method trains on, with the default (ImageNet-C-free) op set
+        tasks.append(Task("augmix", clean, "augmix", args.augmix_severity, generated=True, source=clean_src))
     return tasks + ([Task("pgd", clean, source=clean_src)] if args.attack == "pgd" else [])
 
 
+def augmix_views(x, severity, seed):
+    """One AugMix view (data.augmix, its default op set) of each image of a float batch in [0, 1], seeded."""
+    aug, state = augmix(severity), torch.get_rng_state()
+    torch.manual_seed(seed)   # torchvision's AugMix draws from the global generator
+    views = torch.stack([to_float(aug(img)) for img in x.mul(255).round().to(torch.uint8).cpu()]).to(x.device)
+    torch.set_rng_state(state)
+    return views
+
+
 def score(cols, loader, task, device, autocast, seed, frost_dir, attack, rank, world):
-    """[correct per column..., total] over one task, summed over ranks."""
-    correct, total, t0 = [0] * len(cols), 0, time.time()
+    """[counts of column 0..., counts of column 1..., ..., total] over one task, summed over ranks: per column
+    the correct answers and, for a routed column, the ROUTE_FIELDS counts."""
+    counts, total, t0 = [[0] * c.n_counts for c in cols], 0, time.time()
     restrict = torch.tensor(task.columns, device=device) if task.columns else None
+    pick = (lambda z: z[:, restrict]) if restrict is not None else (lambda z: z)
     bar = progress(loader, rank, " ".join(str(p) for p in (task.set, task.corruption, task.severity) if p))
     for i, batch in enumerate(bar):
         if batch is None:
             continue
         block = rank + i * world
         x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        if task.generated:
+        if task.set == "augmix":
+            x = augmix_views(x, task.severity, corruption_seed(seed, task.corruption, task.severity, block))
+        elif task.generated:
             x = corrupt(x, task.corruption, task.severity, corruption_seed(seed, task.corruption, task.severity, block),
                         frost_dir)
         for j, col in enumerate(cols):
@@ -475,50 +509,60 @@ def score(cols, loader, task, device, autocast, seed, frost_dir, attack, rank, w
             torch.manual_seed(corruption_seed(seed, task.set, task.corruption, task.severity, block))
             xj = pgd_attack(col.attack, x, y, **attack) if task.set == "pgd" else x
             with torch.no_grad(), autocast():
-                logits = col.logits(xj)
-            logits = logits[:, restrict] if restrict is not None else logits
-            correct[j] += (logits.argmax(1) == y).sum().item()
+                got = [(pick(col.logits(xj)).argmax(1) == y).sum()]
+                if col.route is not None:
+                    choice, heads = col.route(xj)
+                    ok = torch.stack([pick(z).argmax(1) == y for z in heads])
+                    got += [(choice == h).sum() for h in range(len(heads))] + list(ok.sum(1)) + [ok.any(0).sum()]
+            counts[j] = [a + int(b) for a, b in zip(counts[j], got)]
         total += len(y)
         bar.set_postfix(img_s=f"{total * world / (time.time() - t0):.0f}")
-    return all_sum(correct + [total], device)
+    return all_sum([v for c in counts for v in c] + [total], device)
 
 
 # ----------------------------------------------------------------------------- cache
 
-def cached(folder, keys, compute, rank, device):
-    """(correct, total) per key. Rank 0 reads the cache and shares what it found, so every rank skips the
-    same work (also where only rank 0 sees the folder); compute(missing indices) fills the rest, which
-    rank 0 writes atomically: a killed run leaves no broken entry and resumes where it stopped."""
+def cached(folder, keys, sizes, compute, rank, device):
+    """(counts, total) per key, counts a tuple of sizes[i] numbers. Rank 0 reads the cache and shares what it
+    found, so every rank skips the same work (also where only rank 0 sees the folder); compute(missing indices)
+    fills the rest, which rank 0 writes atomically: a killed run leaves no broken entry and resumes where it
+    stopped."""
     paths = [os.path.join(folder, hashlib.sha1(json.dumps(k, sort_keys=True).encode()).hexdigest()[:24] + ".json")
              for k in keys]
     flat = []
-    for path in paths:
+    for path, size in zip(paths, sizes):
         hit = None
         if rank == 0 and os.path.isfile(path):
             with open(path) as f:
                 hit = json.load(f)
-        flat += [1, hit["correct"], hit["total"]] if hit else [0, 0, 0]
+            hit = hit if len(hit.get("counts", [])) == size else None   # an entry of another format: recount
+        flat += [1, *hit["counts"], hit["total"]] if hit else [0] * (size + 2)
     flat = all_sum(flat if rank == 0 else [0] * len(flat), device)
-    hits = [(int(flat[i + 1]), int(flat[i + 2])) if flat[i] else None for i in range(0, len(flat), 3)]
+    hits, at = [], 0
+    for size in sizes:
+        entry, at = flat[at:at + size + 2], at + size + 2
+        hits.append((tuple(int(v) for v in entry[1:-1]), int(entry[-1])) if entry[0] else None)
     todo = [i for i, h in enumerate(hits) if h is None]
     for i, hit in zip(todo, compute(todo) if todo else []):
         hits[i] = hit
         if rank == 0:
             os.makedirs(folder, exist_ok=True)
-            with open(paths[i] + ".tmp", "w") as f:
-                json.dump({"key": keys[i], "correct": hit[0], "total": hit[1]}, f)
-            os.replace(paths[i] + ".tmp", paths[i])
+            tmp = f"{paths[i]}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({"key": keys[i], "counts": list(hit[0]), "total": hit[1]}, f)
+            os.replace(tmp, paths[i])
     return hits
 
 
 def evaluate_tasks(tasks, cols, args, cfg, device, rank, world):
-    """counts[(column, set, corruption, severity)] = (correct, total), from the cache where possible."""
+    """counts[(column, set, corruption, severity)] = (correct, total), and routing[same key] = (ROUTE_FIELDS
+    counts, total) for the routed columns, from the cache where possible."""
     autocast, _ = amp_setup(device, args.amp, args.amp_dtype)
     fp32, _ = amp_setup(device, False, args.amp_dtype)
     frost = "procedural" if not args.frost_dir else os.path.abspath(args.frost_dir)
     corrupt_code = file_ident(inspect.getsourcefile(corrupt))  # edited corruptions never reuse old numbers
     attack = dict(eps=args.attack_eps, step_size=args.attack_step, steps=args.attack_steps, norm=args.attack_norm)
-    counts = {}
+    counts, routing = {}, {}
     for task in tasks:
         task_cols = [c for c in cols if task.set != "pgd" or c.attack is not None]
         key = dict(set=task.set, corruption=task.corruption, severity=task.severity, source=task.source,
@@ -530,14 +574,22 @@ def evaluate_tasks(tasks, cols, args, cfg, device, rank, world):
 
         def compute(todo):
             loader = make_loader(task.dataset(), args.batch_size, args.workers, False, rank, world)
-            got = score([task_cols[i] for i in todo], loader, task, device, fp32 if task.set == "pgd" else autocast,
-                        args.seed, args.frost_dir, attack, rank, world)
-            return [(int(k), int(got[-1])) for k in got[:-1]]
+            todo_cols = [task_cols[i] for i in todo]
+            got = score(todo_cols, loader, task, device, fp32 if task.set == "pgd" else autocast, args.seed,
+                        args.frost_dir, attack, rank, world)
+            out, at = [], 0
+            for c in todo_cols:
+                out.append((tuple(int(v) for v in got[at:at + c.n_counts]), int(got[-1])))
+                at += c.n_counts
+            return out
 
-        hits = cached(os.path.join(args.output, "cache"), [dict(c.ident, task=key) for c in task_cols], compute,
-                      rank, device)
-        counts.update({(c.name, task.set, task.corruption, task.severity): h for c, h in zip(task_cols, hits)})
-    return counts
+        hits = cached(os.path.join(args.output, "cache"), [dict(c.ident, task=key) for c in task_cols],
+                      [c.n_counts for c in task_cols], compute, rank, device)
+        for c, (got, n) in zip(task_cols, hits):
+            counts[(c.name, task.set, task.corruption, task.severity)] = (got[0], n)
+            if c.route is not None:
+                routing[(c.name, task.set, task.corruption, task.severity)] = (got, n)   # auto + ROUTE_FIELDS
+    return counts, routing
 
 
 # ----------------------------------------------------------------------------- transfer
@@ -597,11 +649,11 @@ def probe_all(cols, args, cfg, device, rank, world):
             xt, yt = extract(col.features, train_set, args, device, autocast, rank, world, f"probe {col.name} train")
             xv, yv = extract(col.features, val_set, args, device, autocast, rank, world, f"probe {col.name} val")
             acc = linear_probe(xt, yt, xv, yv, n_classes, args.probe_wd, args.probe_steps)
-            yield round(acc * len(yv) / 100), len(yv)
+            yield (round(acc * len(yv) / 100),), len(yv)
 
     keys = [dict(c.ident, task=key) for c in probe_cols]
-    hits = cached(os.path.join(args.output, "cache"), keys, compute, rank, device)
-    return {(c.name, "probe", None, None): h for c, h in zip(probe_cols, hits)}
+    hits = cached(os.path.join(args.output, "cache"), keys, [1] * len(keys), compute, rank, device)
+    return {(c.name, "probe", None, None): (got[0], n) for c, (got, n) in zip(probe_cols, hits)}
 
 
 # ----------------------------------------------------------------------------- report
@@ -637,6 +689,57 @@ def summarize(cols, counts, corruptions, severities, imagenet, baseline):
     return out
 
 
+def routing_summary(routing, corruptions, severities):
+    """Per routed column: for each set (clean, '<corruption>/<severity>', pooled 'C severity <s>' over the mCE
+    corruptions, 'C all', 'extra all', r, ...) each head's top-1, the auto head's, the oracle's (any head
+    right) and the % of images routed to each head; plus, over the severity-5 mCE sets where a new head beats
+    the clean head, the mean % routed away from the clean head ('away_at_5_where_better')."""
+    out = {}
+    for (name, s, c, sev), (got, n) in routing.items():
+        label = s if s != "c" else f"{c}/{sev}"
+        row = dict(zip(("auto", *ROUTE_FIELDS), got), n=n)
+        out.setdefault(name, {})[label] = row
+    keys = ("auto", *ROUTE_FIELDS)
+    pooled = lambda rows: {k: sum(r[k] for r in rows) for k in (*keys, "n")}
+    result = {}
+    for name, rows in out.items():
+        main = [c for c in corruptions if c in CORRUPTIONS]
+        extra = [c for c in corruptions if c in EXTRA_CORRUPTIONS]
+        groups = {f"C severity {s}": [f"{c}/{s}" for c in main] for s in severities}
+        groups.update({"C all": [f"{c}/{s}" for c in main for s in severities],
+                       "extra all": [f"{c}/{s}" for c in extra for s in severities]})
+        for label, members in groups.items():
+            if members and all(m in rows for m in members):
+                rows[label] = pooled([rows[m] for m in members])
+        pct = {label: {"n": r["n"], **{k: 100.0 * r[k] / max(1, r["n"]) for k in keys}}
+               for label, r in rows.items()}
+        better = [pct[f"{c}/5"] for c in main if f"{c}/5" in pct and
+                  max(pct[f"{c}/5"]["robust"], pct[f"{c}/5"]["combined"]) > pct[f"{c}/5"]["clean"]]
+        result[name] = {"sets": pct, "away_at_5_where_better": float(np.mean([100 - r["to_clean"] for r in better]))
+                        if better else None, "sets_at_5_where_better": len(better)}
+    return result
+
+
+def routing_table(name, r):
+    """Markdown: one row per set of a routed column's diagnostics."""
+    sets = r["sets"]
+    order = [k for k in sets if not k.startswith(("C ", "extra "))]
+    order = [k for k in ("clean",) if k in sets] + [k for k in sets if k.startswith(("C ", "extra "))] + \
+        [k for k in order if k != "clean"]
+    lines = [f"routing of {name} (top-1 % per head; oracle = any head right; % of images sent to each head)", "",
+             "| set | clean head | robust | combined | auto | oracle | to clean | to robust | to combined |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for k in order:
+        v = sets[k]
+        lines.append(f"| {k} | {v['clean']:.2f} | {v['robust']:.2f} | {v['combined']:.2f} | {v['auto']:.2f} | "
+                     f"{v['oracle']:.2f} | {v['to_clean']:.1f} | "
+                     f"{v['to_robust']:.1f} | {v['to_combined']:.1f} |")
+    if r["away_at_5_where_better"] is not None:
+        lines.append(f"\nseverity 5, the {r['sets_at_5_where_better']} corruptions where a new head beats the clean "
+                     f"head: {r['away_at_5_where_better']:.1f}% of images routed away from the clean head")
+    return "\n".join(lines)
+
+
 def _finite(fn):
     try:
         v = fn()
@@ -655,7 +758,7 @@ def table_columns(imagenet, baseline):
     if baseline:   # relative mCE vs a baseline stays in results.json: its small denominators make it noisy
         cols += [(f"mCE vs {baseline}", c("mce_vs_baseline"))]
     return cols + [("extra acc", c("extra_mean_acc")), ("R", s("r")), ("Sketch", s("sketch")), ("A", s("a")),
-                   ("V2", s("v2")), ("PGD", s("pgd")), ("probe", s("probe"))]
+                   ("V2", s("v2")), ("AugMix views", s("augmix")), ("PGD", s("pgd")), ("probe", s("probe"))]
 
 
 def markdown_table(summary, columns):
@@ -771,10 +874,12 @@ def run(args):
         f"generated (frost: {args.frost_dir or 'procedural'})" if args.generate_c else "read from disk"))
 
     tasks = make_tasks(args, shifts, corruptions, severities, classes, image_transforms(args.dataset, cfg)[1])
-    counts = evaluate_tasks(tasks, cols, args, cfg, device, rank, world)
+    counts, routing = evaluate_tasks(tasks, cols, args, cfg, device, rank, world)
     if args.probe_data:
         counts.update(probe_all(cols, args, cfg, device, rank, world))
     summary = summarize(cols, counts, corruptions, severities, imagenet, baseline)
+    for name, r in routing_summary(routing, corruptions, severities).items():
+        summary[name]["routing"] = r
     results = describe(args, summary, shifts, corruptions, severities, len(classes), cfg, imagenet, baseline, world,
                        device)
     columns = table_columns(imagenet, baseline)
@@ -788,7 +893,11 @@ def run(args):
         with open(path + ".tmp", "w") as f:
             json.dump(results, f, indent=1, default=str)
         os.replace(path + ".tmp", path)
-    log(markdown_table(summary, columns))
+    routing_md = "\n\n".join(routing_table(n, m["routing"]) for n, m in summary.items() if "routing" in m)
+    if rank == 0 and routing_md:
+        with open(os.path.join(args.output, "routing.md"), "w") as f:
+            f.write(routing_md + "\n")
+    log(markdown_table(summary, columns) + ("\n\n" + routing_md if routing_md else ""))
     log("final: " + json.dumps({n: {h: f(m) for h, f in columns if f(m) is not None} for n, m in summary.items()}))
     return results
 

@@ -319,6 +319,52 @@ def test_wise_sweep_endpoints_and_student_zeroshot(tmp_path, student):
             assert counts[name][0] == correct(evaluate.zeroshot_logits(s.features(x, head), text), y)
 
 
+def test_routing_diagnostics_match_a_hand_computation(tmp_path, student, capsys):
+    from distill_partial import answer, load_student, select_head
+    s, _ = load_student(student)
+    x, y = fmnist_images(64)
+    with torch.no_grad():
+        _, _, s0 = select_head(*s(x), float("inf"))
+    ckpt = torch.load(student, weights_only=True)
+    ckpt["tau"] = s.tau = float(s0.median())   # half the clean images routed away: both selector branches run
+    torch.save(ckpt, tmp_path / "student.pt")
+    res = evaluate.main([*FM, "--checkpoint", str(tmp_path / "student.pt"), "--name", "s", "--head", "auto",
+                         "--test-subset", "64", "-b", "32", "--generate-c", "--corruptions", "gaussian_noise,contrast",
+                         "--severities", "3,5", "--output", str(tmp_path / "out")])
+    stdout = capsys.readouterr().out
+    routing = res["models"]["s"]["routing"]["sets"]
+
+    def by_hand(images):
+        with torch.no_grad():
+            out = s(images)
+        choice = select_head(*out, s.tau)[1]
+        ok = torch.stack([answer(*out, h, s.tau).argmax(1) == y for h in ("clean", "robust", "combined")])
+        auto = answer(*out, "auto", s.tau).argmax(1) == y
+        return {"to_clean": (choice == 0).sum(), "to_robust": (choice == 1).sum(), "to_combined": (choice == 2).sum(),
+                "clean": ok[0].sum(), "robust": ok[1].sum(), "combined": ok[2].sum(), "oracle": ok.any(0).sum(),
+                "auto": auto.sum()}
+
+    expected = {"clean": by_hand(x)}
+    for c in ("gaussian_noise", "contrast"):
+        for sev in (3, 5):   # one block of 32 images at a time, as evaluate.py corrupts them
+            xc = torch.cat([evaluate.corrupt(x[i:i + 32], c, sev, evaluate.corruption_seed(0, c, sev, i // 32))
+                            for i in (0, 32)])
+            expected[f"{c}/{sev}"] = by_hand(xc)
+    for label, want in expected.items():
+        got = routing[label]
+        for key, v in want.items():
+            assert got[key] == pytest.approx(100.0 * int(v) / 64), (label, key)
+        assert got["to_clean"] + got["to_robust"] + got["to_combined"] == pytest.approx(100.0)
+        assert got["oracle"] >= max(got["clean"], got["robust"], got["combined"], got["auto"])
+    assert 0 < routing["clean"]["to_clean"] < 100   # the threshold splits the clean images
+    pooled = routing["C severity 5"]
+    assert pooled["n"] == 128 and pooled["auto"] == pytest.approx(
+        (routing["gaussian_noise/5"]["auto"] + routing["contrast/5"]["auto"]) / 2)
+    assert res["models"]["s"]["sets"]["clean"]["top1"] == pytest.approx(routing["clean"]["auto"])
+    assert "routing of s" in stdout and "| gaussian_noise/5 |" in stdout
+    assert (tmp_path / "out" / "routing.md").read_text().startswith("routing of s")
+
+
 # ----------------------------------------------------------------------------- bad input: one line, exit 2
 
 @pytest.mark.parametrize("data_flags, argv, message", [
