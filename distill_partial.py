@@ -60,6 +60,11 @@ def get_parser():
     p.add_argument("--teacher", default="none", help="robust teacher: a train_teacher.py checkpoint, a timm name "
                    "(hub weights), or 'none' (the no-teacher baselines)")
     p.add_argument("--tune-last", default="4", help="blocks to tune in the branch: K, or 'all' (complete fine-tuning)")
+    p.add_argument("--tune-first", type=int, default=None, help="instead: the branch is a copy of the first K blocks, "
+                   "whose output runs through the frozen later blocks (see BranchStudent)")
+    p.add_argument("--kd-target", default="uncertainty", choices=["uncertainty", "teacher"],
+                   help="the KD target on the AugMix view: the uncertainty-weighted mix of teacher and frozen "
+                   "student, or the teacher alone")
     p.add_argument("--kd-temp", type=float, default=2.0, help="distillation temperature T")
     p.add_argument("--kd-weight", type=float, default=0.5, help="lam: weight of the KD term in the robust loss")
     p.add_argument("--branch-dropout", type=float, default=0.1, help="dropout on branch features before the "
@@ -126,41 +131,60 @@ class Tail(nn.Module):
         return self.head_drop(self.fc_norm(h))
 
 
+def stem(model, x):
+    """What comes before the first block of a timm ViT (patch and position embedding) or ResNet."""
+    if student_blocks(model)[0] == "vit":
+        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    return model.maxpool(model.act1(model.bn1(model.conv1(x))))
+
+
 def trunk(model, x, k):
     """Stem and the first depth-k blocks of a timm model (nothing when k = depth)."""
     family, blocks = student_blocks(model)
     if k == len(blocks):
         return x
-    if family == "vit":
-        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-    else:
-        x = model.maxpool(model.act1(model.bn1(model.conv1(x))))
+    x = stem(model, x)
     for blk in blocks[:len(blocks) - k]:
         x = blk(x)
     return x
 
 
 class BranchStudent(nn.Module):
-    """Frozen pre-trained model + trainable branch (copy of its last k blocks) with robust and
-    combined heads. Takes images in [0, 1]; forward returns (clean, robust, combined) logits."""
+    """Frozen pre-trained model + trainable branch with robust and combined heads. Takes images in [0, 1];
+    forward returns (clean, robust, combined) logits.
 
-    def __init__(self, model, data_config, k, branch_dropout=0.0):
+    at="end" (DESIGN.md 3): the branch is a copy of the last k blocks (+ final norm/pool), fed by the frozen
+    trunk's features. at="start" (the variant DESIGN.md 3 invites us to measure): the branch is a copy of the
+    first k blocks, fed by the frozen stem, and its output runs through the frozen later blocks (their weights
+    fixed, gradients flowing through them). Input-level corruptions damage early features, which a copy of
+    the last blocks cannot undo (surgical fine-tuning, Lee et al., ICLR 2023: for input-level shifts tuning the
+    first block beats tuning the last). Either way the clean head is the original model, bit for bit."""
+
+    def __init__(self, model, data_config, k, branch_dropout=0.0, at="end"):
         super().__init__()
         family, blocks = student_blocks(model)
         k = len(blocks) if k == "all" else int(k)
+        flag = "--tune-first" if at == "start" else "--tune-last"
         if k != len(blocks) and family is None:
-            raise UserError(f"--tune-last {k}: {type(model).__name__} is neither a timm ViT nor a ResNet-style CNN; "
+            raise UserError(f"{flag} {k}: {type(model).__name__} is neither a timm ViT nor a ResNet-style CNN; "
                             f"only --tune-last all works for it")
-        if not 1 <= k <= len(blocks):
-            raise UserError(f"--tune-last {k}: the student has {len(blocks)} blocks; give 1..{len(blocks)} or 'all'")
-        self.k, self.n_blocks, self.tau, self.p_drop = k, len(blocks), float("inf"), branch_dropout
+        if not 1 <= k <= len(blocks) - (at == "start"):
+            raise UserError(f"{flag} {k}: the student has {len(blocks)} blocks; give 1..{len(blocks) - (at == 'start')}"
+                            + (" (at least one block must stay after the copy)" if at == "start" else " or 'all'"))
+        self.k, self.n_blocks, self.at = k, len(blocks), at
+        self.tau, self.p_drop = float("inf"), branch_dropout
         self.wrap = Normalized(model, data_config)   # resize + normalise; holds the frozen model
         model.requires_grad_(False)
-        self.tail = Tail(model, k)
+        if at == "start":
+            self.front = nn.Sequential(*blocks[:k])       # the original first k blocks (references, frozen)
+            self.tail = Tail(model, len(blocks) - k)      # the frozen later blocks, shared by both paths
+            self.branch = copy.deepcopy(self.front).requires_grad_(True)
+        else:
+            self.tail = Tail(model, k)
+            self.branch = copy.deepcopy(self.tail).requires_grad_(True)
+            if self.branch.full:   # the whole model was copied: its classifier is replaced by the new heads
+                self.branch.model.reset_classifier(0)
         self.head_clean = model.get_classifier()
-        self.branch = copy.deepcopy(self.tail).requires_grad_(True)
-        if self.branch.full:   # the whole model was copied: its classifier is replaced by the new heads
-            self.branch.model.reset_classifier(0)
         self.head_robust = copy.deepcopy(self.head_clean).requires_grad_(True)
         self.head_combined = copy.deepcopy(self.head_clean).requires_grad_(True)
         self.eval()
@@ -168,6 +192,11 @@ class BranchStudent(nn.Module):
     @property
     def model(self):
         return self.wrap.model
+
+    @property
+    def origin(self):
+        """The frozen modules the branch was copied from (its starting weights, for WiSE-FT)."""
+        return self.front if self.at == "start" else self.tail
 
     def train(self, mode=True):
         super().train(mode)
@@ -179,23 +208,34 @@ class BranchStudent(nn.Module):
         """The modules that train: the branch and the two new heads."""
         return [self.branch, self.head_robust, self.head_combined]
 
+    def _paths(self, x, clean_rows=None, grad=False):
+        """(frozen features of the clean head for clean_rows, branch features of every row)."""
+        with torch.enable_grad() if grad else torch.no_grad():   # never train the frozen weights
+            xn = self.wrap.normalize(x)
+            if self.at == "start":
+                h = stem(self.model, xn)
+                hc = h if clean_rows is None else h[clean_rows]
+                clean = self.tail(self.front(hc)) if len(hc) else None
+            else:
+                h = trunk(self.model, xn, self.k)
+                hc = h if clean_rows is None else h[clean_rows]
+                clean = self.tail(hc) if len(hc) else None
+        f = self.branch(h)
+        return clean, (self.tail(f) if self.at == "start" else f)   # grads flow through the frozen tail
+
     def features(self, x, head="robust"):
-        """Input features of a head: 'clean' -> frozen tail, else the branch (dropout not applied)."""
-        with torch.no_grad():
-            h = trunk(self.model, self.wrap.normalize(x), self.k)
-            if head == "clean":
-                return self.tail(h)
-        return self.branch(h)
+        """Input features of a head: 'clean' -> the original model's, else the branch path's (no dropout)."""
+        if head == "clean":
+            return self._paths(x)[0]
+        return self._paths(x, clean_rows=slice(0, 0))[1]
 
     def forward(self, x, clean_rows=None, mc_samples=1, input_grad=False):
         """(clean, robust, combined) logits. clean_rows (a slice) limits the frozen clean path to
         those rows (training needs it only on the augmented view); mc_samples > 1 keeps dropout on and
         returns robust/combined as [S, B, C]; input_grad lets gradients reach x (for PGD)."""
-        with torch.enable_grad() if input_grad else torch.no_grad():   # never train the trunk
-            h = trunk(self.model, self.wrap.normalize(x), self.k)
-            hc = h if clean_rows is None else h[clean_rows]
-            clean = self.head_clean(self.tail(hc)) if len(hc) else None
-        f = self.branch(h)
+        hc, f = self._paths(x, clean_rows, input_grad)
+        with torch.enable_grad() if input_grad else torch.no_grad():
+            clean = self.head_clean(hc) if hc is not None else None
         if mc_samples > 1:
             f = torch.stack([F.dropout(f, self.p_drop, True) for _ in range(mc_samples)])
         else:
@@ -387,12 +427,12 @@ def wise_ft(student, alpha):
     (1 - alpha) * their starting weights + alpha * the tuned ones. The starting weights are the frozen
     tail and clean head, so alpha 0 is the original model and alpha 1 the tuned student."""
     out = copy.deepcopy(student)
-    start = dict(out.tail.named_parameters())
-    if out.branch.full:   # the branch copy has no classifier; the tail's copy does
+    start = dict(out.origin.named_parameters())
+    if out.at == "end" and out.branch.full:   # the branch copy has no classifier; the tail's copy does
         start = {k: v for k, v in start.items() if k in dict(out.branch.named_parameters())}
     for name, p in out.branch.named_parameters():
         p.lerp_(start[name].to(p.dtype), 1 - alpha)
-    start = dict(out.tail.named_buffers())   # BN running statistics move with their weights (CNN students)
+    start = dict(out.origin.named_buffers())   # BN running statistics move with their weights (CNN students)
     for name, b in out.branch.named_buffers():
         if b.is_floating_point():
             b.lerp_(start[name].to(b.dtype), 1 - alpha)
@@ -446,7 +486,7 @@ def load_student(path, base_file=None, flag="--checkpoint"):
     if ckpt.get("kind") != "delta":
         raise UserError(f"{flag}: {path} is a {ckpt.get('kind')} checkpoint, not a distill_partial.py delta")
     model = build_base(ckpt["base"], base_file)
-    student = BranchStudent(model, ckpt["data_config"], ckpt["k"], ckpt["branch_dropout"])
+    student = BranchStudent(model, ckpt["data_config"], ckpt["k"], ckpt["branch_dropout"], ckpt.get("at", "end"))
     missing, unexpected = student.load_state_dict(ckpt["model"], strict=False)
     if unexpected or any(k.startswith(("branch.", "head_robust.", "head_combined.")) for k in missing):
         raise UserError(f"{flag}: {path} does not fit a {ckpt['base']['arch']} with --tune-last {ckpt['k']}")
@@ -513,24 +553,34 @@ def head_accuracy(student, loader, device, autocast, mc_samples=1):
     return {name: 100.0 * c / max(1, sums[-1]) for name, c in zip((*HEADS, "auto"), sums[:-1])}
 
 
-def train_step(student, teacher, x, y, opt, scaler, autocast, kd_temp, kd_weight):
+def train_step(student, teacher, x, y, opt, scaler, autocast, kd_temp, kd_weight, kd_mode="uncertainty"):
     """One step of the method on x = [clean views; AugMix views] (2B images) and labels y (B).
-    student may be DDP-wrapped: a single forward call, so DDP sees every trainable parameter once."""
+    student may be DDP-wrapped: a single forward call, so DDP sees every trainable parameter once.
+    Returns (loss, view stats): on the AugMix views, how many the frozen student and the teacher get right
+    and the sum of the teacher's KD weight w (zeros where not computed). Useful views are ones the frozen
+    student gets wrong and the teacher right: too mild an augmentation teaches the branch nothing new."""
     b = len(y)
     with autocast():
-        # the frozen clean path runs only on the augmented half, where the KD target needs it
-        clean, robust, combined = student(x, clean_rows=slice(b, None) if teacher is not None else slice(0, 0))
+        # the frozen clean path runs only on the augmented half, where the KD target (and the view stats) need it
+        uses_clean = teacher is not None
+        clean, robust, combined = student(x, clean_rows=slice(b, None) if uses_clean else slice(0, 0))
         q = None
         if teacher is not None:
             with torch.inference_mode():
                 t_logits = teacher(x[b:])
-            q = kd_target(t_logits.clone(), clean, kd_temp)[0]   # clone: a normal tensor, usable by autograd
+            t_logits = t_logits.clone()   # clone: a normal tensor, usable by autograd
+            q, w = kd_target(t_logits, clean, kd_temp) if kd_mode == "uncertainty" else \
+                ((t_logits.float() / kd_temp).softmax(-1), torch.ones(b, device=y.device))
     loss = method_loss(robust[b:], combined[:b], combined[b:], y, q, kd_temp, kd_weight)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt)
     scaler.update()
-    return loss.detach()
+    with torch.no_grad():
+        stats = torch.zeros(3, device=y.device)
+        if teacher is not None:
+            stats = torch.stack([(clean.argmax(-1) == y).sum(), (t_logits.argmax(-1) == y).sum(), w.sum()]).float()
+    return loss.detach(), stats
 
 
 def check_args(args):
@@ -539,6 +589,8 @@ def check_args(args):
         raise UserError(f"--tune-last {args.tune_last!r}: give a number of blocks or 'all'")
     if args.tune_last == "0":
         raise UserError("--tune-last 0 tunes nothing; give 1 or more blocks, or 'all'")
+    if args.tune_first is not None and args.tune_first < 1:
+        raise UserError(f"--tune-first {args.tune_first} tunes nothing; give 1 or more blocks")
     if not 0 <= args.kd_weight <= 1 or args.kd_temp <= 0:
         raise UserError("--kd-weight must lie in [0, 1] and --kd-temp be positive")
     if not 0 < args.tau_quantile < 1 or args.mc_samples < 1:
@@ -569,11 +621,14 @@ def distill(args):
     model = create_model(arch, len(classes), args.pretrained, args.pretrained_file, kwargs)
     base = base_record(args, arch, model, len(classes), kwargs)
     cfg = model_data_config(model, native_size(args.dataset))
-    student = BranchStudent(model, cfg, args.tune_last, args.branch_dropout)
+    at, k = ("start", args.tune_first) if args.tune_first is not None else ("end", args.tune_last)
+    student = BranchStudent(model, cfg, k, args.branch_dropout, at)
     start = load_checkpoint(args.resume) if args.resume else None
     if start is not None:
-        if start.get("kind") != "delta" or start["base"]["fingerprint"] != base["fingerprint"] or start["k"] != student.k:
-            raise UserError(f"--resume: {args.resume} was trained from other base weights or another --tune-last")
+        if start.get("kind") != "delta" or start["base"]["fingerprint"] != base["fingerprint"] or \
+                start["k"] != student.k or start.get("at", "end") != at:
+            raise UserError(f"--resume: {args.resume} was trained from other base weights or another "
+                            f"--tune-last/--tune-first")
         student.load_state_dict(start["model"], strict=False)
 
     train_tf, eval_tf = image_transforms(args.dataset, cfg)
@@ -609,7 +664,8 @@ def distill(args):
     lr = lr_at(step, total, args.lr, args.sched, warmup, args.ssfd_peak)
     n_train = sum(p.numel() for m in student.trainable() for p in m.parameters())
     n_all = sum(p.numel() for p in model.parameters())
-    log(f"{arch}: {n_all / 1e6:.2f}M params, tuning the last {student.k}/{student.n_blocks} blocks "
+    log(f"{arch}: {n_all / 1e6:.2f}M params, tuning the {'first' if at == 'start' else 'last'} "
+        f"{student.k}/{student.n_blocks} blocks "
         f"({n_train / 1e6:.2f}M trainable incl. 2 heads), teacher {args.teacher}, {len(train_set)} train / "
         f"{len(calib_set) if calib_set else 0} calib / {len(val_set)} val images, {world} process(es) on {device}")
 
@@ -618,6 +674,7 @@ def distill(args):
         start_epoch(train_loader, epoch, args.seed, rank)
         student.train()
         t0, seen, loss_sum, skipped0 = time.time(), 0, 0.0, skipped_images(train_set)
+        view_stats = torch.zeros(3, device=device)
         bar = progress(train_loader, rank, f"epoch {epoch + 1}/{args.epochs}")
         for batch in bar:
             if batch is None:
@@ -628,7 +685,9 @@ def distill(args):
             y = y.to(device, non_blocking=True)
             lr = lr_at(step, total, args.lr, args.sched, warmup, args.ssfd_peak)
             set_lr(opt, lr)
-            loss = train_step(ddp, teacher, x, y, opt, scaler, autocast, args.kd_temp, args.kd_weight)
+            loss, stats = train_step(ddp, teacher, x, y, opt, scaler, autocast, args.kd_temp, args.kd_weight,
+                                     args.kd_target)
+            view_stats += stats
             step += 1
             seen += b * world
             loss_sum += loss.item()
@@ -639,16 +698,21 @@ def distill(args):
             student.tau = calibrate_tau(student, calib_loader, device, args.tau_quantile, args.mc_samples, autocast)
         accs = head_accuracy(student, val_loader, device, autocast, args.mc_samples)
         skipped = all_sum([skipped_images(train_set) - skipped0], device)[0]
+        views = {k: round(100.0 * v / max(1, seen), 2) for k, v in   # the AugMix views of this epoch, all ranks
+                 zip(("student_on_views", "teacher_on_views", "teacher_weight"), all_sum(view_stats.tolist(), device))}
         is_best = accs["auto"] > best
         best = max(best, accs["auto"])
         metrics = dict(epoch=epoch, step=step, lr=lr, train_loss=loss_sum / max(1, len(train_loader)), tau=student.tau,
                        **{f"val_{k}": v for k, v in accs.items()}, epoch_time_s=round(train_time, 2),
-                       img_s=round(seen / train_time, 1), skipped_images=int(skipped))
+                       img_s=round(seen / train_time, 1), skipped_images=int(skipped),
+                       **(views if teacher is not None else {}))
         log(f"epoch {epoch}: loss {metrics['train_loss']:.4f}  val top-1 " +
             "  ".join(f"{k} {v:.2f}" for k, v in accs.items()) + f"  tau {student.tau:.4g}  ({train_time:.0f}s, "
-            f"{metrics['img_s']:.0f} img/s)", **metrics)
+            f"{metrics['img_s']:.0f} img/s)" + ("" if teacher is None else
+            f"  AugMix views: frozen student {views['student_on_views']:.1f}% / teacher {views['teacher_on_views']:.1f}% "
+            f"top-1, teacher weight {views['teacher_weight']:.1f}%"), **metrics)
         if rank == 0:
-            ckpt = dict(schema=SCHEMA, kind="delta", base=base, k=student.k, branch_dropout=args.branch_dropout,
+            ckpt = dict(schema=SCHEMA, kind="delta", base=base, k=student.k, at=at, branch_dropout=args.branch_dropout,
                         data_config=cfg, num_classes=len(classes), class_names=classes, model=delta_state(student),
                         tau=student.tau, optimizer=opt.state_dict(),
                         scaler=scaler.state_dict() if scaler.is_enabled() else None, epoch=epoch, step=step,
@@ -658,7 +722,7 @@ def distill(args):
                 save_checkpoint(dict(ckpt, optimizer=None, scaler=None), os.path.join(args.output, "best.pt"))
         if args.stop_after and epoch >= args.stop_after:
             break
-    result = dict(student=arch, k=student.k, teacher=args.teacher, opt=args.opt, epochs_done=epoch, step=step, lr=lr,
+    result = dict(student=arch, k=student.k, at=at, teacher=args.teacher, opt=args.opt, epochs_done=epoch, step=step, lr=lr,
                   tau=student.tau, val=accs, best_auto=best, train_time_s=round(time.time() - t_start, 2),
                   trainable_params=n_train, ranks_agree=ranks_agree(student, device))
     log("final: " + json.dumps(result), final=result)

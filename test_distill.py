@@ -143,7 +143,7 @@ def ftp_runs(root, teacher):
 
 # ----------------------------------------------------------------------------- the branch student
 
-def tiny_student(family, k, seed=0):
+def tiny_student(family, k, seed=0, at="end"):
     """(student, reference): a BranchStudent around a fresh timm model, and an untouched eval-mode copy of
     that model wrapped the same way. Dropout and stochastic depth are on, to catch a frozen part in train mode."""
     torch.manual_seed(seed)
@@ -153,12 +153,13 @@ def tiny_student(family, k, seed=0):
         model = tt.create_model(CNN, 10, model_kwargs=CNN_KW, drop_rate=0.2)
     cfg = tt.model_data_config(model, 32)
     ref = tt.Normalized(copy.deepcopy(model), cfg).eval()
-    return dp.BranchStudent(model, cfg, k, branch_dropout=0.1), ref
+    return dp.BranchStudent(model, cfg, k, branch_dropout=0.1, at=at), ref
 
 
-@pytest.mark.parametrize("family,k", [("vit", 2), ("cnn", 2), ("cnn", "all")])
-def test_clean_head_is_the_original_model_bit_for_bit(family, k):
-    student, ref = tiny_student(family, k)
+@pytest.mark.parametrize("family,k,at", [("vit", 2, "end"), ("cnn", 2, "end"), ("cnn", "all", "end"),
+                                         ("vit", 1, "start"), ("cnn", 2, "start")])
+def test_clean_head_is_the_original_model_bit_for_bit(family, k, at):
+    student, ref = tiny_student(family, k, at=at)
     x = images(6, seed=1)
     frozen = {n: t.clone() for n, t in student.model.state_dict().items()}   # trunk, tail, clean head, BN stats
     with torch.no_grad():
