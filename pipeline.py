@@ -2,7 +2,9 @@
 
     python pipeline.py              # ~10 min on 2 cores: pre-train the student, train the robust teacher,
                                     # distill into the last block(s), evaluate clean + 19 corruptions x 5
-    python pipeline.py --compare    # ~45 min: + every baseline side by side, WiSE-FT sweep, plots
+    python pipeline.py --compare --seeds 0,1,2 --test-subset 2000   # + every baseline, 3 seeds of every
+                                    # distillation stage (mean +- std), routing, WiSE-FT sweep, plots
+    python pipeline.py --ablate     # the ablations, scored on the validation split + the 4 extra corruptions
 
 Each stage is one call of a script's main(); its command line is printed so any stage can be rerun or
 changed by hand. A stage whose --output already holds a finished run with the same arguments is reused
@@ -12,8 +14,11 @@ Writes runs/fmnist/{student,teacher,method,...}/, runs/fmnist/eval/ and runs/fmn
 import argparse
 import json
 import os
+import re
 import shlex
 import time
+
+import numpy as np
 
 import distill_partial
 import evaluate
@@ -30,26 +35,78 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--compare", action="store_true", help="also train and evaluate the baselines")
+    p.add_argument("--ablate", action="store_true", help="also train the ablation variants of the method and score "
+                   "them on the validation split + the 4 extra corruptions (never the test set)")
     p.add_argument("--output", default="runs/fmnist", help="folder for every stage's output")
     p.add_argument("--data-dir", default=None, help="where Fashion-MNIST is, if not in Debian's path")
     p.add_argument("--train-subset", type=int, default=20000, help="training images of every stage")
     p.add_argument("--test-subset", type=int, default=1000, help="test images scored per set")
     p.add_argument("--student-epochs", type=int, default=4, help="epochs of the student's (clean) pre-training")
     p.add_argument("--teacher-epochs", type=int, default=2, help="epochs of the robust teacher's training")
-    p.add_argument("--distill-epochs", type=int, default=1, help="epochs of the method and of the baselines")
+    p.add_argument("--distill-epochs", type=int, default=1, help="epochs of the method and of the partial baselines")
+    p.add_argument("--full-ft-epochs", type=int, default=1, help="epochs of complete AugMix fine-tuning")
     p.add_argument("--tune-last", default="1", help="K: blocks of the student to tune")
+    p.add_argument("--aug-severity", type=int, default=3, help="AugMix severity of the distillation stages' views")
     p.add_argument("--calib-size", type=int, default=1000, help="held-out clean images that calibrate tau")
     p.add_argument("-b", "--batch-size", type=int, default=128, help="batch size of every stage")
     p.add_argument("-j", "--workers", type=int, default=2, help="data loading processes")
-    p.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pre-training stages and of the evaluation")
+    p.add_argument("--seeds", default=None, help="seeds of the distillation stages, e.g. 0,1,2 (default: --seed); "
+                   "the tables then give mean +- std over them")
     return p
 
 
+# Ablations of the method (--ablate): name -> flags replacing or adding to the method's. Scored on the
+# validation split and the 4 extra corruptions only, so choosing among them never looks at the test set.
+ABLATIONS = {
+    "no teacher": ["--teacher", "none"],
+    "KD target: teacher only": ["--kd-target", "teacher"],
+    "K = 2": ["--tune-last", "2"],
+    "first block (--tune-first 1)": ["--tune-first", "1"],
+    "AugMix severity 3": ["--aug-severity", "3"],
+    "AugMix severity 10": ["--aug-severity", "10"],
+    "3 epochs": ["--epochs", "3"],
+    "tau quantile 0.9": ["--tau-quantile", "0.9"],
+    "MC dropout (8 passes)": ["--mc-samples", "8"],
+}
+
+
+def with_flags(argv, flags):
+    """argv with each --flag of `flags` replaced (or added) by its value there."""
+    argv, i = list(argv), 0
+    while i < len(flags):
+        n = 1
+        while i + n < len(flags) and not flags[i + n].startswith("--"):
+            n += 1
+        if flags[i] in argv:
+            j = argv.index(flags[i]) + 1
+            while j < len(argv) and not argv[j].startswith("--"):
+                j += 1
+            del argv[argv.index(flags[i]):j]
+        if flags[i] == "--tune-first" and "--tune-last" in argv:   # the two placements exclude each other
+            del argv[argv.index("--tune-last"):argv.index("--tune-last") + 2]
+        argv += flags[i:i + n]
+        i += n
+    return argv
+
+
+def seeds_of(args):
+    return [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+
+
+def suffix(args):
+    """Evaluation folders and summary of a multi-seed run are its own ('-s0_1_2'): a quick run beside it
+    (e.g. --ablate, with the default single seed) never overwrites them."""
+    seeds = seeds_of(args)
+    return "-s" + "_".join(map(str, seeds)) if len(seeds) > 1 else ""
+
+
 def stages(args):
-    """(name, script module, argv) in order; the evaluation comes last."""
+    """(name, script module, argv) in order; the evaluations come last."""
     out = lambda name: ["--output", os.path.join(args.output, name)]
-    common = ["--dataset", "fashion-mnist", "--train-subset", str(args.train_subset), "-b", str(args.batch_size),
-              "-j", str(args.workers), "--seed", str(args.seed)] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    data = ["--dataset", "fashion-mnist", "--train-subset", str(args.train_subset), "-b", str(args.batch_size),
+            "-j", str(args.workers)] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    common = data + ["--seed", str(args.seed)]
     ckpt = lambda name: os.path.join(args.output, name, "best.pt")
     run = [("student", train_teacher, common + STUDENT + ["--epochs", str(args.student_epochs), "--warmup-epochs",
                                                           "0.3", "--opt", "adamw", "--lr", "1e-3", "--weight-decay",
@@ -58,27 +115,45 @@ def stages(args):
                                                           "0.3", "--aug", "augmix", "--jsd", "12", "--opt", "sgd",
                                                           "--lr", "0.1"] + out("teacher"))]
     student = ["--student", STUDENT[1], "--model-kwargs", *STUDENT[3:], "--pretrained-file", ckpt("student"),
-               "--epochs", str(args.distill_epochs), "--calib-size", str(args.calib_size), "--lr", "1e-3"]
-    k = ["--tune-last", args.tune_last]
-    run.append(("method", distill_partial, common + student + k + ["--teacher", ckpt("teacher")] + out("method")))
-    names = ["original", "teacher", "method"]
-    if args.compare:
-        run += [("no-teacher", distill_partial, common + student + k + ["--teacher", "none"] + out("no-teacher")),
-                ("full-ft", distill_partial, common + student + ["--tune-last", "all", "--teacher", "none"] +
-                 out("full-ft")),
-                ("ftp", distill_partial, common + student + k + ["--teacher", ckpt("teacher"), "--opt", "ftp",
-                                                                 "--weight-decay", "0"] + out("ftp"))]
-        names += ["no-teacher", "full-ft", "ftp"]
-    test = ["--dataset", "fashion-mnist", "--test-subset", str(args.test_subset), "--generate-c", "--corruptions",
-            "all", "-b", "250", "-j", "0", "--seed", str(args.seed), "--baseline", "original"] + \
+               "--epochs", str(args.distill_epochs), "--calib-size", str(args.calib_size), "--lr", "1e-3",
+               "--aug-severity", str(args.aug_severity)]
+    k, teacher = ["--tune-last", args.tune_last], ["--teacher", ckpt("teacher")]
+    seeds = seeds_of(args)
+    tag = (lambda s: f"-s{s}") if len(seeds) > 1 else (lambda s: "")
+    names = ["original", "teacher"]
+    for s in seeds:
+        d = data + ["--seed", str(s)] + student
+        run.append((f"method{tag(s)}", distill_partial, d + k + teacher + out(f"method{tag(s)}")))
+        names.append(f"method{tag(s)}")
+        if args.compare:
+            run += [(f"no-teacher{tag(s)}", distill_partial, d + k + ["--teacher", "none"] + out(f"no-teacher{tag(s)}")),
+                    (f"full-ft{tag(s)}", distill_partial, with_flags(d, ["--epochs", str(args.full_ft_epochs)]) +
+                     ["--tune-last", "all", "--teacher", "none"] + out(f"full-ft{tag(s)}")),
+                    (f"ftp{tag(s)}", distill_partial, d + k + teacher + ["--opt", "ftp", "--weight-decay", "0"] +
+                     out(f"ftp{tag(s)}"))]
+            names += [f"no-teacher{tag(s)}", f"full-ft{tag(s)}", f"ftp{tag(s)}"]
+    evaluation = ["--dataset", "fashion-mnist", "--generate-c", "-b", "250", "-j", "0", "--seed", str(args.seed)] + \
         (["--data-dir", args.data_dir] if args.data_dir else [])
+    test = evaluation + ["--test-subset", str(args.test_subset), "--corruptions", "all", "--baseline", "original"]
     paths = [ckpt("student"), ckpt("teacher")] + [ckpt(n) for n in names[2:]]
     run.append(("eval", evaluate, test + ["--checkpoint", *paths, "--name", *names, "--head",
-                                          "all" if args.compare else "auto"] + out("eval")))
+                                          "all" if args.compare else "auto"] + out(f"eval{suffix(args)}")))
     if args.compare:   # WiSE-FT of complete fine-tuning (Wortsman et al.), swept without retraining
-        wise = [a if a != "original" else "full-ft@wise0" for a in test]   # alpha 0 is the original model
-        run.append(("wise", evaluate, wise + ["--checkpoint", ckpt("full-ft"), "--name", "full-ft", "--head", "combined",
-                                              "--wise-alpha", "0,0.25,0.5,0.75,1"] + out("wise")))
+        full = f"full-ft{tag(seeds[0])}"
+        wise = [a if a != "original" else f"{full}@wise0" for a in test]   # alpha 0 is the original model
+        run.append(("wise", evaluate, wise + ["--checkpoint", ckpt(full), "--name", full, "--head", "combined",
+                                              "--wise-alpha", "0,0.5,1"] + out(f"wise{suffix(args)}")))
+    if args.ablate:
+        method = data + ["--seed", str(seeds[0])] + student + k + teacher
+        variants = {"method": f"method{tag(seeds[0])}"}
+        for name, flags in ABLATIONS.items():
+            folder = "ablate/" + "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
+            run.append((name, distill_partial, with_flags(method, flags) + out(folder)))
+            variants[name] = folder
+        val = evaluation + ["--split", "val", "--test-subset", str(args.test_subset), "--corruptions", "extra"]
+        run.append(("ablation", evaluate, val + ["--checkpoint", *[ckpt(f) for f in variants.values()], "--name",
+                                                 *variants, "--head", "all", "--baseline", "method:clean"] +
+                    out("ablate/eval")))
     return run
 
 
@@ -100,33 +175,101 @@ def stage_args(folder, argv):
 
 
 def train_record(folder):
-    """Wall time, trainable parameters and artifact size of a finished training stage."""
-    final = [json.loads(line)["final"] for line in open(os.path.join(folder, "log.jsonl")) if '"final"' in line][-1]
+    """Wall time, trainable parameters and artifact size of a finished training stage (and, for a distillation
+    with a teacher, how the frozen student and the teacher fared on the AugMix views of its last epoch)."""
+    lines = [json.loads(line) for line in open(os.path.join(folder, "log.jsonl"))]
+    final = [d["final"] for d in lines if "final" in d][-1]
+    epochs = [d for d in lines if "epoch" in d and "final" not in d]
+    views = {k: epochs[-1][k] for k in ("student_on_views", "teacher_on_views", "teacher_weight") if epochs and k in epochs[-1]}
     return dict(train_time_s=final["train_time_s"], trainable_params=final["trainable_params"],
-                artifact_bytes=os.path.getsize(os.path.join(folder, "best.pt")))
+                artifact_bytes=os.path.getsize(os.path.join(folder, "best.pt")), **views)
+
+
+def family(name):
+    """'method-s1:auto' -> ('method', 'auto'): a column's model family (seeds pooled) and head."""
+    model, _, head = name.partition(":")
+    return re.sub(r"-s\d+$", "", model.split("@")[0]) + ("@" + model.split("@")[1] if "@" in model else ""), head
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{np.mean(values):.2f} +- {np.std(values, ddof=1):.2f}"
 
 
 def summary_table(results, records, teacher_time):
-    """The comparison: accuracy columns from evaluate.py, cost columns from the training logs."""
-    head = ("| model | clean | C acc (15x5) | mCE vs original | extra acc (4x5) | train time (s) | trainable params | "
-            "artifact (KB) |\n|---|---|---|---|---|---|---|---|")
-    rows = [head]
+    """The comparison, one row per model family and head (mean +- sample std over seeds where there are several):
+    accuracy columns from evaluate.py, cost columns from the training logs."""
+    groups = {}
     for name, m in results["models"].items():
-        family = name.split(":")[0].split("@")[0]
-        rec = records.get(family, {})
-        t = rec.get("train_time_s")
-        if t is not None and family in ("method", "ftp"):
-            t = f"{t:.0f} + {teacher_time:.0f} teacher"
-        elif t is not None:
-            t = f"{t:.0f}"
-        if name.startswith("original") or name == "full-ft@wise0":
+        model, head = family(name)
+        groups.setdefault(model + (f":{head}" if head else ""), []).append((name, m))
+    head = ("| model | seeds | clean | C acc (15x5) | mCE vs original | extra acc (4x5) | train time (s) | "
+            "trainable params | artifact (KB) |\n|---|---|---|---|---|---|---|---|---|")
+    rows = [head]
+    for label, members in groups.items():
+        fam = label.split(":")[0].split("@")[0]
+        recs = [records.get(n.split(":")[0].split("@")[0], {}) for n, _ in members]
+        times = [r["train_time_s"] for r in recs if "train_time_s" in r]
+        t = mean_std(times).split(" +- ")[0] if times else "-"
+        if times and fam in ("method", "ftp"):
+            t = f"{t} + {teacher_time:.0f} teacher"
+        if label.startswith("original") or label.endswith("@wise0"):
             t = "0 (pre-trained)"
-        c = m.get("c", {})
-        cells = [m["sets"]["clean"]["top1"], c.get("mean_acc"), c.get("mce_vs_baseline"), c.get("extra_mean_acc")]
-        cells = [f"{v:.2f}" if v is not None else "-" for v in cells]
-        size = rec.get("artifact_bytes")
-        cells += [t or "-", str(rec.get("trainable_params", "-")), f"{size / 1024:.0f}" if size else "-"]
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+        col = lambda get: mean_std([get(m) for _, m in members])
+        cells = [col(lambda m: m["sets"]["clean"]["top1"]), col(lambda m: m.get("c", {}).get("mean_acc")),
+                 col(lambda m: m.get("c", {}).get("mce_vs_baseline")),
+                 col(lambda m: m.get("c", {}).get("extra_mean_acc"))]
+        size = recs[0].get("artifact_bytes")
+        cells += [t, str(recs[0].get("trainable_params", "-")), f"{size / 1024:.0f}" if size else "-"]
+        rows.append(f"| {label} | {len(members)} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def routing_table(results):
+    """How the auto head routes, per model family (mean +- std over seeds): % of clean test images sent to the
+    clean head, % of corrupted ones (15 corruptions) sent away from it per severity, and at severity 5 over the
+    corruptions where a new head beats the clean head; with the auto head's and the oracle's accuracy."""
+    groups = {}
+    for name, m in results["models"].items():
+        if "routing" in m:
+            groups.setdefault(family(name)[0], []).append(m["routing"])
+    if not groups:
+        return ""
+    sevs = sorted(int(k.split()[-1]) for k in next(iter(groups.values()))[0]["sets"] if k.startswith("C severity"))
+    rows = ["| model | clean -> clean head (%) | " + " | ".join(f"C sev {s} routed away (%)" for s in sevs) +
+            " | sev 5 where a new head is better: routed away (%) | C auto / oracle |",
+            "|---" * (3 + len(sevs)) + "|---|"]
+    for fam, rs in groups.items():
+        col = lambda get: mean_std([get(r) for r in rs])
+        cells = [col(lambda r: r["sets"]["clean"]["to_clean"])]
+        cells += [col(lambda r, s=s: 100 - r["sets"][f"C severity {s}"]["to_clean"]) for s in sevs]
+        cells += [col(lambda r: r["away_at_5_where_better"]),
+                  f"{col(lambda r: r['sets']['C all']['auto'])} / {col(lambda r: r['sets']['C all']['oracle'])}"]
+        rows.append(f"| {fam} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def ablation_table(results, records):
+    """The ablations on the validation split: each head's clean top-1, the extra corruptions' accuracy, how the
+    selector routes, and what the frozen student / the teacher scored on the AugMix views during training."""
+    rows = ["| variant | clean: auto / robust / combined | extra acc: auto / robust / combined | "
+            "val clean -> clean head (%) | AugMix views: student / teacher top-1 | train time (s) |",
+            "|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(family(n)[0] for n in results["models"]):
+        m = {h: results["models"].get(f"{name}:{h}", {}) for h in ("clean", "robust", "combined", "auto")}
+        get = lambda h, f: f(m[h]) if m[h] else None
+        fmt = lambda vs: " / ".join("-" if v is None else f"{v:.2f}" for v in vs)
+        clean = fmt([get(h, lambda x: x["sets"]["clean"]["top1"]) for h in ("auto", "robust", "combined")])
+        extra = fmt([get(h, lambda x: x.get("c", {}).get("extra_mean_acc")) for h in ("auto", "robust", "combined")])
+        route = m["auto"].get("routing", {}).get("sets", {}).get("clean", {}).get("to_clean")
+        rec = records.get(name, {})
+        views = fmt([rec.get("student_on_views"), rec.get("teacher_on_views")]) if "teacher_on_views" in rec else "-"
+        rows.append(f"| {name} | {clean} | {extra} | {'-' if route is None else f'{route:.1f}'} | {views} | "
+                    f"{rec.get('train_time_s', '-')} |")
     return "\n".join(rows)
 
 
@@ -134,9 +277,10 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # everything here is local
     t0 = time.time()
-    evals = {}
+    evals, folders = {}, {}
     for name, module, stage_argv in stages(args):
         folder = stage_argv[stage_argv.index("--output") + 1]
+        folders[name] = folder
         print(f"\n=== {name}: python {module.__name__}.py {shlex.join(stage_argv)}", flush=True)
         if module is not evaluate and finished(folder, stage_argv):
             print(f"(reusing the finished run in {folder})")
@@ -144,21 +288,27 @@ def main(argv=None):
         result = module.main(stage_argv)
         if module is evaluate:
             evals[name] = result
-    records = {n: train_record(os.path.join(args.output, d)) for n, d in
-               (("original", "student"), ("teacher", "teacher"), ("method", "method"), ("no-teacher", "no-teacher"),
-                ("full-ft", "full-ft"), ("ftp", "ftp")) if os.path.isfile(os.path.join(args.output, d, "log.jsonl"))}
+    records = {("original" if n == "student" else n): train_record(f) for n, f in folders.items()
+               if os.path.isfile(os.path.join(f, "log.jsonl"))}
+    records["original"] = dict(records["original"], trainable_params=0)
     teacher_time = records["teacher"]["train_time_s"]
-    for n in ("original",):
-        records[n] = dict(records[n], trainable_params=0)
     text = summary_table(evals["eval"], records, teacher_time)
+    routing = routing_table(evals["eval"])
+    if routing:
+        text += "\n\nHow the auto head routes (test split):\n\n" + routing
     if "wise" in evals:
         wise = {k: v for k, v in evals["wise"]["models"].items() if "@wise" in k}
         text += "\n\nWiSE-FT of complete fine-tuning (alpha 0 = original, 1 = full-ft; no retraining):\n\n"
         text += summary_table(dict(models=wise), records, teacher_time)
+    if "ablation" in evals:
+        abl_records = {**{n: records.get(n, {}) for n in ABLATIONS},
+                       "method": records.get(f"method{'-s%d' % seeds_of(args)[0] if len(seeds_of(args)) > 1 else ''}", {})}
+        text += "\n\nAblations (validation split + the 4 extra corruptions; never the test set):\n\n"
+        text += ablation_table(evals["ablation"], abl_records)
     total = time.time() - t0
     text += f"\n\nwall time of this run: {total / 60:.1f} min"
     print("\n" + text)
-    with open(os.path.join(args.output, "summary.md"), "w") as f:
+    with open(os.path.join(args.output, f"summary{suffix(args)}.md"), "w") as f:
         f.write(text + "\n")
     return dict(evals=evals, records=records, table=text, wall_time_s=total)
 

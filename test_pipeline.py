@@ -1,7 +1,11 @@
 """The embedded benchmark end to end, shrunk to a few hundred images, so the README command cannot
-silently break: student pre-training, robust teacher, distillation, evaluation on 19 x 5 corruptions."""
+silently break: student pre-training, robust teacher, distillation (two seeds), evaluation on 19 x 5
+corruptions, the mean +- std table and the routing table."""
 import json
 import os
+
+import numpy as np
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -9,27 +13,49 @@ import pipeline  # noqa: E402
 
 
 def test_pipeline_end_to_end(tmp_path, capsys):
-    argv = ["--train-subset", "256", "--test-subset", "30", "--student-epochs", "1", "--teacher-epochs", "1", "--calib-size", "64", "-b", "64",
-            "-j", "0", "--output", str(tmp_path)]
+    argv = ["--train-subset", "256", "--test-subset", "30", "--student-epochs", "1", "--teacher-epochs", "1",
+            "--calib-size", "64", "-b", "64", "-j", "0", "--seeds", "0,1", "--output", str(tmp_path)]
     out = pipeline.main(argv)
     models = out["evals"]["eval"]["models"]
-    assert list(models) == ["original", "teacher", "method"]
+    assert list(models) == ["original", "teacher", "method-s0", "method-s1"]
     for m in models.values():
         assert m["sets"]["clean"]["total"] == 30
         assert len(m["c"]["top1"]) == 19 and all(sorted(v) == [1, 2, 3, 4, 5] for v in m["c"]["top1"].values())
     assert models["original"]["c"]["mce_vs_baseline"] == 100.0   # the baseline against itself
-    # The summary table carries evaluate.py's numbers and the training logs' costs.
-    summary = open(tmp_path / "summary.md").read()
-    for name, m in models.items():
-        assert f"| {name} | {m['sets']['clean']['top1']:.2f} | {m['c']['mean_acc']:.2f} |" in summary
-    method = out["records"]["method"]
+    # The summary table carries evaluate.py's numbers (seeds pooled: mean +- sample std) and the logs' costs.
+    summary = open(tmp_path / "summary-s0_1.md").read()
+    for name in ("original", "teacher"):
+        m = models[name]
+        assert f"| {name} | 1 | {m['sets']['clean']['top1']:.2f} | {m['c']['mean_acc']:.2f} |" in summary
+    c = [models[f"method-s{s}"]["c"]["mean_acc"] for s in (0, 1)]
+    assert f"| method | 2 | " in summary and f"{np.mean(c):.2f} +- {np.std(c, ddof=1):.2f}" in summary
+    assert "How the auto head routes" in summary and "| method | " in summary.split("How the auto head routes")[1]
+    method = out["records"]["method-s0"]
     assert method["trainable_params"] < out["records"]["teacher"]["trainable_params"] * 10
     assert method["artifact_bytes"] < out["records"]["original"]["artifact_bytes"]   # only the delta is saved
-    final = json.loads(open(tmp_path / "method" / "log.jsonl").read().splitlines()[-1])["final"]
+    assert 0 <= method["student_on_views"] <= 100 and 0 <= method["teacher_weight"] <= 100
+    final = json.loads(open(tmp_path / "method-s1" / "log.jsonl").read().splitlines()[-1])["final"]
     assert final["k"] == 1 and final["teacher"].endswith("teacher/best.pt")
+    assert json.load(open(tmp_path / "method-s1" / "args.json"))["seed"] == 1
 
     # A second run reuses every finished stage and the evaluation cache: the same table.
     capsys.readouterr()
     again = pipeline.main(argv)
-    assert capsys.readouterr().out.count("(reusing the finished run") == 3
+    assert capsys.readouterr().out.count("(reusing the finished run") == 4
     assert again["table"].split("wall time")[0] == out["table"].split("wall time")[0]
+
+
+@pytest.mark.parametrize("argv, flags, want", [
+    (["--a", "1", "--tune-last", "1", "--b"], ["--a", "2"], ["--tune-last", "1", "--b", "--a", "2"]),
+    (["--tune-last", "1", "--seed", "0"], ["--tune-first", "1"], ["--seed", "0", "--tune-first", "1"]),
+    (["--x", "1"], ["--m", "a", "b", "--y"], ["--x", "1", "--m", "a", "b", "--y"]),
+])
+def test_with_flags_replaces_or_adds(argv, flags, want):
+    assert pipeline.with_flags(argv, flags) == want
+
+
+def test_family_pools_seeds_and_keeps_heads():
+    assert pipeline.family("method-s12:auto") == ("method", "auto")
+    assert pipeline.family("full-ft-s0@wise0.5:combined") == ("full-ft@wise0.5", "combined")
+    assert pipeline.family("teacher") == ("teacher", "")
+    assert pipeline.mean_std([1.0, 3.0]) == "2.00 +- 1.41" and pipeline.mean_std([None]) == "-"
