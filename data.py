@@ -399,7 +399,8 @@ def set_loader_epoch(loader, epoch, seed):
 # pixelate ratios, JPEG qualities and blend weights are used as published. The plasma map of fog is
 # drawn at the next power of two >= the image side, as the reference does (256 for 224, 32 for 32).
 #
-# Deterministic given seed: every random draw comes from a torch.Generator on x.device.
+# Deterministic given seed: every random draw comes from a seeded CPU torch.Generator and is then moved
+# to x.device, so CPU and CUDA corrupt an image identically up to float round-off.
 #
 # Note on frost: ImageNet-C blends six frost photographs (frost1.png ... frost6.jpg, shipped with the
 # imagenet_c package). Pass their folder as frost_dir to use them. Without them a procedural frost
@@ -530,8 +531,17 @@ def _clipped_zoom(x, zoom):
     return up[..., th:th + h, tw:tw + w]
 
 
+def _rand(shape, gen, device):
+    """U[0, 1) drawn on the generator's device (the CPU), then moved: the same numbers on every device."""
+    return torch.rand(shape, generator=gen, device=gen.device).to(device)
+
+
+def _randn(shape, gen, device):
+    return torch.randn(shape, generator=gen, device=gen.device).to(device)
+
+
 def _uniform(shape, low, high, gen, device):
-    return torch.rand(shape, generator=gen, device=device) * (high - low) + low
+    return _rand(shape, gen, device) * (high - low) + low
 
 
 # ----------------------------------------------------------------------------- noise
@@ -539,27 +549,27 @@ def _uniform(shape, low, high, gen, device):
 def gaussian_noise(x, severity, gen):
     """x + N(0, c^2) per pixel and channel."""
     c, _ = _pick(x, (.08, .12, .18, .26, .38), (.04, .08, .12, .15, .18), (.04, .06, .08, .09, .10), severity)
-    return (x + c * torch.randn(x.shape, generator=gen, device=x.device)).clamp(0, 1)
+    return (x + c * _randn(x.shape, gen, x.device)).clamp(0, 1)
 
 
 def shot_noise(x, severity, gen):
     """Poisson(x * c) / c: photon noise with c photons for a white pixel."""
     c, _ = _pick(x, (60, 25, 12, 5, 3), (250, 100, 50, 30, 15), (500, 250, 100, 75, 50), severity)
-    return (torch.poisson(x * c, generator=gen) / c).clamp(0, 1)
+    return (torch.poisson((x * c).to(gen.device), generator=gen).to(x.device) / c).clamp(0, 1)
 
 
 def impulse_noise(x, severity, gen):
     """Salt and pepper (skimage random_noise 's&p'): a fraction c of the values, channels independent,
     set to 0 or 1 with equal odds."""
     c, _ = _pick(x, (.03, .06, .09, .17, .27), (.01, .02, .05, .08, .14), (.01, .02, .03, .05, .07), severity)
-    u = torch.rand(x.shape, generator=gen, device=x.device)
+    u = _rand(x.shape, gen, x.device)
     return torch.where(u < c, (u < c / 2).to(x.dtype), x)
 
 
 def speckle_noise(x, severity, gen):
     """x + x * N(0, c^2): noise proportional to intensity."""
     c, _ = _pick(x, (.15, .2, .35, .45, .6), (.15, .2, .25, .3, .35), (.06, .1, .12, .16, .2), severity)
-    return (x + x * c * torch.randn(x.shape, generator=gen, device=x.device)).clamp(0, 1)
+    return (x + x * c * _randn(x.shape, gen, x.device)).clamp(0, 1)
 
 
 # ----------------------------------------------------------------------------- blur
@@ -614,11 +624,11 @@ def glass_blur(x, severity, gen):
     x = torch.floor(_gaussian_blur(x, sigma).clamp(0, 1) * 255) / 255  # the reference goes through uint8 here
     k = 2 * delta
     for _ in range(rounds):
-        oy, ox = torch.randint(k, (2,), generator=gen, device=x.device).tolist()
+        oy, ox = torch.randint(k, (2,), generator=gen, device=gen.device).tolist()
         xp = F.pad(x, (ox, -(w + ox) % k, oy, -(h + oy) % k), mode="replicate")  # grid offset, whole blocks
         nh, nw = xp.shape[-2] // k, xp.shape[-1] // k
         blocks = xp.view(b, ch, nh, k, nw, k).transpose(3, 4).reshape(b, ch, nh, nw, k * k)
-        perm = torch.rand((b, 1, nh, nw, k * k), generator=gen, device=x.device).argsort(-1)
+        perm = _rand((b, 1, nh, nw, k * k), gen, x.device).argsort(-1)
         blocks = blocks.gather(-1, perm.expand(b, ch, -1, -1, -1))
         xp = blocks.view(b, ch, nh, nw, k, k).transpose(3, 4).reshape(b, ch, nh * k, nw * k)
         x = xp[..., oy:oy + h, ox:ox + w]
@@ -659,7 +669,7 @@ def snow(x, severity, gen):
                  ((.1, .2, 1, .6, 8, 3, .95), (.1, .2, 1, .5, 10, 4, .9), (.15, .3, 1.75, .55, 10, 4, .9),
                   (.25, .3, 2.25, .6, 12, 6, .85), (.3, .3, 1.25, .65, 14, 12, .8)), severity)
     b, _, h, w = x.shape
-    flakes = c[0] + c[1] * torch.randn((b, 1, h, w), generator=gen, device=x.device)
+    flakes = c[0] + c[1] * _randn((b, 1, h, w), gen, x.device)
     flakes = _clipped_zoom(flakes, max(1.0, c[2] * s))
     flakes = torch.where(flakes < c[3], 0, flakes)
     flakes = torch.floor(flakes.clamp(0, 1) * 255) / 255  # the reference saves the layer as 8-bit PNG
@@ -694,14 +704,14 @@ def _procedural_frost(b, h, w, gen, device):
     show a similar field of view at every resolution), mean brightness 0.45 (a guess at the photos').
     Not the photos themselves."""
     side = min(h, w)
-    cloud = torch.rand((b, 1, 17, 17), generator=gen, device=device) * 0.1  # value noise, 4 octaves
+    cloud = _rand((b, 1, 17, 17), gen, device) * 0.1  # value noise, 4 octaves
     for cells, weight in ((2, .4), (4, .3), (8, .2)):
-        n = torch.rand((b, 1, cells + 1, cells + 1), generator=gen, device=device)
+        n = _rand((b, 1, cells + 1, cells + 1), gen, device)
         cloud += weight * F.interpolate(n, size=(17, 17), mode="bicubic", align_corners=True)
     cloud = F.interpolate(cloud, size=(h, w), mode="bicubic", align_corners=True)
     cloud = ((cloud - 0.2) / 0.6).clamp(0, 1)
-    seeds = (torch.rand((b, 1, h, w), generator=gen, device=device) < 150 / (h * w)).float()
-    seeds = seeds * torch.rand((b, 1, h, w), generator=gen, device=device)
+    seeds = (_rand((b, 1, h, w), gen, device) < 150 / (h * w)).float()
+    seeds = seeds * _rand((b, 1, h, w), gen, device)
     kern = 0
     for _ in range(3):  # one filter with the three needle directions summed (it is linear)
         k = _motion_kernels(0.2 * side, 0.1 * side, _uniform((b,), 0, 360, gen, device))
@@ -734,8 +744,8 @@ def frost(x, severity, gen, frost_dir=None):
     else:
         factor = {224: 1.0, 64: 0.3, 32: 0.2}[_reference_size(x)] * s  # how much the reference shrinks them
         imgs = [_frost_image(p, h, w, factor) for p in paths]
-        pick = torch.randint(len(imgs), (b,), generator=gen, device=x.device).cpu()
-        u = torch.rand((b, 2), generator=gen, device=x.device).cpu()
+        pick = torch.randint(len(imgs), (b,), generator=gen, device=gen.device)
+        u = torch.rand((b, 2), generator=gen, device=gen.device)
         layer = torch.empty(b, 3, h, w)
         iy, ix = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
         for k, img in enumerate(imgs):  # one gather per file, all its images at once
@@ -808,7 +818,7 @@ def spatter(x, severity, gen):
                  ((.62, .1, .7, .7, .5, 0), (.65, .1, .8, .7, .5, 0), (.65, .3, 1, .69, .5, 0),
                   (.65, .1, .7, .69, .6, 1), (.65, .1, .5, .68, .6, 1)), severity)
     b, _, h, w = x.shape
-    liquid = c[0] + c[1] * s * torch.randn((b, 1, h, w), generator=gen, device=x.device)
+    liquid = c[0] + c[1] * s * _randn((b, 1, h, w), gen, x.device)
     liquid = _gaussian_blur(liquid, c[2] * s)
     liquid = torch.where(liquid < c[3], 0, liquid)
     if c[5] == 1:  # mud
@@ -953,8 +963,9 @@ def corrupt(x: torch.Tensor, name: str, severity: int, seed: int = 0, frost_dir:
     """Apply ImageNet-C corruption `name` at `severity` (1-5) to a batch.
 
     x: float [B, 3, H, W] in [0, 1], any H, W >= 32, on any device. Returns the same shape, dtype and
-    device, values in [0, 1], computed in float32. Deterministic given seed (a torch.Generator on
-    x.device; the global RNG is never touched). frost_dir: folder with the ImageNet-C frost images
+    device, values in [0, 1], computed in float32. Deterministic given seed and independent of the device
+    up to float round-off: random numbers come from a seeded CPU torch.Generator and are then moved to
+    x.device (the global RNG is never touched). frost_dir: folder with the ImageNet-C frost images
     (see frost)."""
     if name not in CORRUPTION_FNS:
         raise ValueError(f"Unknown corruption {name!r}: choose one of {', '.join(CORRUPTION_FNS)}.")
@@ -963,8 +974,7 @@ def corrupt(x: torch.Tensor, name: str, severity: int, seed: int = 0, frost_dir:
     if x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
         raise ValueError(f"corrupt expects a float tensor [B, 3, H, W] in [0, 1], got {x.dtype} "
                          f"{tuple(x.shape)}; convert grey images with x.expand(-1, 3, -1, -1).")
-    gen = torch.Generator(device=x.device)
-    gen.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         xf = x.float().clamp(0, 1)
         fn = CORRUPTION_FNS[name]
