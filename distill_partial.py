@@ -556,7 +556,7 @@ def check_args(args):
 
 def distill(args):
     check_args(args)
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(args.device, args.deterministic)
     log = RunLog(args.output, rank, args)
     torch.manual_seed(args.seed)
     arch = STUDENT_ALIASES.get(args.arch, args.arch)

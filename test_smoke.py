@@ -17,11 +17,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import data  # noqa: E402
 import train_teacher  # noqa: E402
+from data import UserError  # noqa: E402
 from train_teacher import load_checkpoint, lr_at, pgd_attack  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_CNN = ["--arch", "resnet18", "--model-kwargs", "layers=[1,1,1,1]", "channels=[8,16,32,64]"]
-FMNIST = ["--dataset", "fashion-mnist", "--train-subset", "96", "--val-subset", "32", "-b", "16", "-j", "0"]
+# --device cpu: exact CPU results (and two gloo processes under torchrun), also on a GPU machine
+FMNIST = ["--dataset", "fashion-mnist", "--train-subset", "96", "--val-subset", "32", "-b", "16", "-j", "0",
+          "--device", "cpu"]
 
 
 def run_teacher(tmp_path, name, *extra):
@@ -162,8 +165,27 @@ def test_ssfd_schedule_shape():
 
 # ----------------------------------------------------------------------------- resume
 
-def test_resume_equals_uninterrupted(tmp_path):
-    args = ["--aug", "augmix", "--epochs", "2", "--opt", "adamw", "--lr", "1e-3"]
+@pytest.fixture
+def restore_determinism():
+    """--deterministic switches process-wide settings; later tests get the defaults back."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+    if saved[4] is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+@pytest.mark.parametrize("device,extra", [
+    ("cpu", []),
+    ("cpu", ["--deterministic"]),
+    pytest.param("cuda", ["--deterministic"], marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                        reason="needs a CUDA GPU")),
+])
+def test_resume_equals_uninterrupted(tmp_path, restore_determinism, device, extra):
+    """Exact on the CPU; on CUDA only with --deterministic (atomics and autotuned kernels vary otherwise)."""
+    args = ["--aug", "augmix", "--epochs", "2", "--opt", "adamw", "--lr", "1e-3", "--device", device, *extra]
     straight, r1 = run_teacher(tmp_path, "straight", *args)
     half, _ = run_teacher(tmp_path, "half", *args, "--stop-after", "1")
     assert load_checkpoint(os.path.join(half, "last.pt"))["epoch"] == 1
@@ -172,7 +194,13 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert (a["step"], a["epoch"]) == (b["step"], b["epoch"]) == (12, 2)
     assert r1["lr"] == r2["lr"]
     for k in a["model"]:
-        assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6), k
+        if extra:
+            assert torch.equal(a["model"][k], b["model"][k]), k
+        else:
+            assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6), k
+    if extra:
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and torch.backends.cudnn.deterministic
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -233,6 +261,30 @@ def test_cli_error_has_no_traceback():
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1].startswith("train_teacher.py: error: --adv-eps 8")
     assert "Traceback" not in p.stderr
+
+
+# ----------------------------------------------------------------------------- devices
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch, capsys):
+    with pytest.raises(UserError, match=r"2 processes .* 1 GPU\(s\); use --nproc_per_node=1 or fewer"):
+        train_teacher.check_gpu_count(2, 1)
+    train_teacher.check_gpu_count(2, 2)
+    train_teacher.check_gpu_count(1, 8)
+    # torchrun --nproc_per_node=2 on a one-GPU node: every rank stops before any CUDA call (faked here)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("CUDA touched before the check"))
+    for rank in ("0", "1"):
+        for k, v in dict(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", RANK=rank, LOCAL_RANK=rank).items():
+            monkeypatch.setenv(k, v)
+        err = one_line_error(capsys, train_teacher.main, FMNIST + TINY_CNN + ["--device", "auto"])
+        assert "--nproc_per_node=1" in err and "--device cpu" in err
+
+
+def test_device_cuda_without_a_gpu_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = one_line_error(capsys, train_teacher.main, FMNIST + TINY_CNN + ["--device", "cuda"])
+    assert "--device cuda" in err and "--device cpu" in err
 
 
 # ----------------------------------------------------------------------------- many processes

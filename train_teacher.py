@@ -81,6 +81,14 @@ def add_train_args(parser, lr=0.1, opt="sgd", epochs=10, opts=("sgd", "adamw")):
     parser.add_argument("--output", default="runs/teacher", help="folder for args.json, log.jsonl, checkpoints")
     parser.add_argument("--resume", default=None, help="checkpoint (last.pt) to continue from, exactly")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
+    add_device_arg(parser)
+    parser.add_argument("--deterministic", action="store_true", help="deterministic algorithms (and cuBLAS "
+                        "workspace, cuDNN settings): exact --resume on CUDA, at some speed")
+
+
+def add_device_arg(parser):
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                        help="where to run (auto: CUDA when available)")
 
 
 def get_parser():
@@ -105,12 +113,36 @@ def get_parser():
 
 # ----------------------------------------------------------------------------- runtime
 
-def setup_distributed():
+def check_gpu_count(local_world, gpus):
+    """torchrun with more processes on this node than it has GPUs: one sentence naming the fix, raised
+    by every rank before any CUDA call (instead of 'invalid device ordinal' on some ranks and a hang)."""
+    if local_world > gpus:
+        raise UserError(f"torchrun started {local_world} processes on this node, which has {gpus} GPU(s); "
+                        f"use --nproc_per_node={gpus} or fewer, or --device cpu")
+
+
+def set_deterministic():
+    """Deterministic algorithms, so a resumed CUDA run ends with the uninterrupted run's weights.
+    cuBLAS reads its workspace setting when it starts, so this runs before any CUDA work. Ops with no
+    deterministic kernel warn instead of stopping the run."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def setup_distributed(device="auto", deterministic=False):
     """(rank, world, device). torchrun sets RANK/WORLD_SIZE; plain python runs as rank 0 of 1.
-    gloo on CPU, nccl on CUDA. Safe to call twice (a driver may run several mains in one process)."""
+    device 'auto' takes CUDA when available; 'cpu' keeps everything on the CPU even there. gloo on
+    CPU, nccl on CUDA. Safe to call twice (a driver may run several mains in one process)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
+    if deterministic:
+        set_deterministic()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: torch sees no CUDA GPU here; use --device cpu (or auto)")
+    if device != "cpu" and torch.cuda.is_available():
+        check_gpu_count(int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count())
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     else:
@@ -353,9 +385,18 @@ def build_optimizer(params, opt, lr, weight_decay, momentum=0.9, device=None):
     return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
 
+def module_device(module):
+    """The device a module's parameters (or buffers) live on: helpers send their inputs there."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 @torch.no_grad()
-def evaluate(model, loader, device, autocast=contextlib.nullcontext):
-    """Top-1 accuracy (%) over the loader; every rank scores its own unpadded shard, sums are reduced."""
+def evaluate(model, loader, device=None, autocast=contextlib.nullcontext):
+    """Top-1 accuracy (%) over the loader; every rank scores its own unpadded shard, sums are reduced.
+    Inputs go to `device`, by default the model's."""
+    device = device or module_device(model)
     model.eval()
     correct = total = 0
     for batch in loader:
@@ -432,7 +473,7 @@ def run_main(fn, argv, parser):
 
 def train(args):
     check_args(args)
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(args.device, args.deterministic)
     log = RunLog(args.output, rank, args)
     torch.manual_seed(args.seed)
 
