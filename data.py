@@ -54,6 +54,8 @@ def add_aug_args(parser):
     parser.add_argument("--aug-depth", type=int, default=-1, help="AugMix ops per chain (-1: random 1-3)")
     parser.add_argument("--aug-all-ops", action="store_true", help="also use the ops that overlap ImageNet-C "
                         "(unfair for corruption benchmarks)")
+    parser.add_argument("--aug-device", default="cpu", choices=["cpu", "cuda"], help="cpu: AugMix in the loader "
+                        "workers; cuda: batched AugMix in the training loop on the training device (--device)")
     return parser
 
 
@@ -315,6 +317,172 @@ def augmix(severity=3, width=3, depth=-1, alpha=1.0, all_ops=False):
     """torchvision's AugMix. all_ops=False drops contrast, color, brightness and sharpness, the ops
     that overlap ImageNet-C (Hendrycks et al. 2020, section 4), so corruption results stay fair."""
     return v2.AugMix(severity=severity, mixture_width=width, chain_depth=depth, alpha=alpha, all_ops=all_ops)
+
+
+# AugMix on a whole batch, on the device that holds it (--aug-device cuda): the op set, magnitudes,
+# severities, Dirichlet mixing weights and Beta skip weight of torchvision's v2.AugMix, with every
+# random number drawn per image on the CPU (so CPU and CUDA draw the same choices). Ops work on floats
+# in [0, 1]; posterize and equalize on the 8-bit levels, like torchvision's uint8 kernels. Not bit-equal
+# to torchvision (which rounds to uint8 after every op), equal in distribution (test_smoke.py).
+AUGMIX_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Posterize", "Solarize", "AutoContrast",
+              "Equalize")
+AUGMIX_ALL_OPS = AUGMIX_OPS + ("Brightness", "Color", "Contrast", "Sharpness")  # these overlap ImageNet-C
+
+
+def augmix_magnitudes(op, height, width, bins=10):
+    """(magnitude of each severity bin, signed) of one op: torchvision's table (PARAMETER_MAX = 10 bins)."""
+    lin = lambda top: torch.linspace(0.0, top, bins)  # noqa: E731
+    table = {"ShearX": (lin(0.3), True), "ShearY": (lin(0.3), True), "TranslateX": (lin(width / 3.0), True),
+             "TranslateY": (lin(height / 3.0), True), "Rotate": (lin(30.0), True),
+             "Posterize": ((4 - torch.arange(bins) / ((bins - 1) / 4)).round(), False),
+             "Solarize": (torch.linspace(1.0, 0.0, bins), False), "AutoContrast": (torch.zeros(bins), False),
+             "Equalize": (torch.zeros(bins), False)}
+    table.update({name: (lin(0.9), True) for name in ("Brightness", "Color", "Contrast", "Sharpness")})
+    return table[op]
+
+
+def _affine_grid(ops, mags, h, w):
+    """Sampling grid [n, h, w, 2] of the geometric ops (index ops into AUGMIX_OPS[:5], magnitudes mags, both
+    on the CPU), as torchvision's F.affine / F.rotate compute it: bilinear, zero fill, coordinates of
+    pixel centres relative to the image centre."""
+    m = mags.double()
+    zero = torch.zeros_like(m)
+    inv = torch.eye(3, dtype=torch.float64).repeat(len(ops), 1, 1)  # output position -> input position
+    inv[:, 0, 1] = torch.where(ops == 0, m, zero)   # ShearX about the top-left corner (center=[0, 0])
+    inv[:, 1, 0] = torch.where(ops == 1, m, zero)   # ShearY
+    inv[:, 0, 2] = torch.where(ops == 0, m * h / 2, zero) - torch.where(ops == 2, m.trunc(), zero)  # TranslateX
+    inv[:, 1, 2] = torch.where(ops == 1, m * w / 2, zero) - torch.where(ops == 3, m.trunc(), zero)  # TranslateY
+    rot = ops == 4   # Rotate: counter-clockwise by m degrees about the centre
+    a = torch.deg2rad(m[rot])
+    inv[rot, 0, 0], inv[rot, 0, 1], inv[rot, 1, 0], inv[rot, 1, 1] = a.cos(), -a.sin(), a.sin(), a.cos()
+    scale = torch.tensor([w / 2, h / 2, 1.0], dtype=torch.float64)  # pixels -> affine_grid's [-1, 1] units
+    theta = (inv / scale[:, None] * scale[None, :])[:, :2]
+    return F.affine_grid(theta.float(), [len(ops), 1, h, w], align_corners=False)
+
+
+def _grey(x):
+    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _equalize(x):
+    """torchvision's (PIL's) histogram equalisation of the 8-bit levels, per image and channel."""
+    b, c, h, w = x.shape
+    q = (x * 255).round().long().view(b * c, h * w)
+    hist = torch.zeros(b * c, 256, dtype=torch.long, device=x.device).scatter_add_(1, q, torch.ones_like(q))
+    cum = hist.cumsum(1)
+    step = (h * w - hist.gather(1, cum.argmax(1, keepdim=True))) // 255
+    lut = ((cum[:, :-1] + step // 2) // step.clamp_min(1)).clamp(0, 255)
+    lut = torch.cat([torch.zeros_like(lut[:, :1]), lut], 1)
+    out = torch.where(step > 0, lut.gather(1, q), q)
+    return out.view(b, c, h, w).float() / 255
+
+
+def augmix_op(x, name, mags):
+    """One AugMix op on a float batch [n, 3, H, W] in [0, 1], magnitude mags[i] (CPU floats) for image i."""
+    n, _, h, w = x.shape
+    if name in AUGMIX_OPS[:5]:
+        grid = _affine_grid(torch.full((n,), AUGMIX_OPS.index(name)), mags, h, w)
+        return F.grid_sample(x, grid.to(x.device), mode="bilinear", padding_mode="zeros", align_corners=False)
+    m = mags.to(x.device, torch.float32).view(n, 1, 1, 1)
+    if name == "Posterize":  # keep the top `bits` bits of each 8-bit level
+        step = 2.0 ** (8 - m)
+        return torch.floor((x * 255).round() / step) * step / 255
+    if name == "Solarize":
+        return torch.where(x >= m, 1 - x, x)
+    if name == "AutoContrast":
+        lo, hi = x.amin(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)
+        flat = hi == lo
+        return ((x - torch.where(flat, 0, lo)) / torch.where(flat, 1, hi - lo)).clamp(0, 1)
+    if name == "Equalize":
+        return _equalize(x)
+    f = 1 + m
+    if name == "Brightness":
+        return (x * f).clamp(0, 1)
+    if name == "Color":
+        return (x * f + _grey(x) * (1 - f)).clamp(0, 1)
+    if name == "Contrast":
+        return (x * f + _grey(x).mean(dim=(1, 2, 3), keepdim=True) * (1 - f)).clamp(0, 1)
+    if name == "Sharpness":  # blend with a 3x3 smoothing (1s around a 5, /13); borders keep the image
+        kernel = torch.ones(3, 3, device=x.device)
+        kernel[1, 1] = 5
+        smooth = x.clone()
+        smooth[..., 1:-1, 1:-1] = F.conv2d(x, (kernel / 13).expand(3, 1, 3, 3), groups=3)
+        return (x * f + smooth * (1 - f)).clamp(0, 1)
+    raise ValueError(f"unknown AugMix op {name!r}")
+
+
+def augmix_batch(x, severity=3, width=3, depth=-1, alpha=1.0, all_ops=False, generator=None):
+    """AugMix (Hendrycks et al. 2020) of every image of a batch [B, 3, H, W] (uint8, or float in [0, 1]) on
+    its device; same dtype out. Per image: skip weight m ~ Beta(alpha, alpha), chain weights ~
+    Dirichlet(alpha), `width` chains of `depth` ops (-1: 1-3 at random), each op uniform from the set,
+    its magnitude uniform from the first `severity` of 10 bins, signed ops negated with odds 1/2;
+    out = m * x + (1 - m) * sum_i w_i chain_i(x). Random numbers come from `generator` (a CPU one; the
+    global CPU generator by default), so CPU and CUDA make the same choices."""
+    names = AUGMIX_ALL_OPS if all_ops else AUGMIX_OPS
+    b, _, h, w = x.shape
+    gen = dict(generator=generator)
+    skip = torch._sample_dirichlet(torch.full((b, 2), float(alpha)), **gen)
+    weights = torch._sample_dirichlet(torch.full((b, width), float(alpha)), **gen) * skip[:, 1:]
+    depths = torch.full((b, width), depth) if depth > 0 else torch.randint(1, 4, (b, width), **gen)
+    n_steps = int(depths.max())
+    ops = torch.randint(len(names), (b, width, n_steps), **gen)
+    bins = torch.randint(severity, (b, width, n_steps), **gen)
+    signs = torch.where(torch.rand((b, width, n_steps), **gen) <= 0.5, -1.0, 1.0)
+    table = torch.stack([augmix_magnitudes(n, h, w)[0].float() for n in names])
+    signed = torch.tensor([augmix_magnitudes(n, h, w)[1] for n in names])
+    mags = table[ops, bins] * torch.where(signed[ops], signs, 1.0)
+
+    # the chains side by side as one batch (row i * B + image), one op kind at a time
+    ops, mags = ops.transpose(0, 1).reshape(width * b, n_steps), mags.transpose(0, 1).reshape(width * b, n_steps)
+    depths = depths.t().reshape(width * b)
+    xf = to_float(x)
+    aug = xf.repeat(width, 1, 1, 1)
+    for d in range(n_steps):
+        out = aug.clone()
+        live = depths > d
+        rows = torch.nonzero(live & (ops[:, d] < 5))[:, 0]   # index sets on the CPU: no device sync
+        if len(rows):
+            grid = _affine_grid(ops[rows, d], mags[rows, d], h, w).to(x.device)
+            idx = rows.to(x.device)
+            out[idx] = F.grid_sample(aug[idx], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        for k in range(5, len(names)):
+            rows = torch.nonzero(live & (ops[:, d] == k))[:, 0]
+            if len(rows):
+                idx = rows.to(x.device)
+                out[idx] = augmix_op(aug[idx], names[k], mags[rows, d])
+        aug = out
+    mix = skip[:, 0].to(x.device).view(b, 1, 1, 1) * xf
+    mix += (weights.t().to(x.device).reshape(width, b, 1, 1, 1) * aug.view(width, *x.shape)).sum(0)
+    return (mix * 255).to(torch.uint8) if x.dtype == torch.uint8 else mix.to(x.dtype)
+
+
+class BatchAugMix:
+    """augmix_batch with fixed settings: the --aug-device cuda counterpart of augmix()."""
+
+    def __init__(self, severity=3, width=3, depth=-1, alpha=1.0, all_ops=False):
+        self.kwargs = dict(severity=severity, width=width, depth=depth, alpha=alpha, all_ops=all_ops)
+
+    def __call__(self, x, generator=None):
+        return augmix_batch(x, generator=generator, **self.kwargs)
+
+
+def augmix_views(base, n_aug, aug_device, severity=3, width=3, depth=-1, all_ops=False):
+    """(loader transform, batched AugMix or None). --aug-device cpu: the loader workers make the n_aug
+    AugMix views; cuda: they yield the clean crop only and the training loop makes the views on its
+    device (device_views)."""
+    if aug_device == "cpu" or not n_aug:
+        return Views(base, augmix(severity, width, depth, all_ops=all_ops), n_aug), None
+    return Views(base), BatchAugMix(severity, width, depth, all_ops=all_ops)
+
+
+def device_views(views, device, batch_aug=None, n_aug=0):
+    """One tensor [clean; aug_1; ...; aug_n] on the device, from a batch's views; with batch_aug the
+    loader sent the clean crops only and the n_aug AugMix views are made here, on the device."""
+    views = list(views) if isinstance(views, (list, tuple)) else [views]
+    views = [v.to(device, non_blocking=True) for v in views]
+    if batch_aug is not None:
+        views += [batch_aug(views[0]) for _ in range(n_aug)]
+    return torch.cat(views)
 
 
 class Views:

@@ -264,6 +264,18 @@ def test_tune_last_all_trains_every_block(root):
                                              if not n.startswith("fc.")) + 2 * (64 * 10 + 10)
 
 
+def test_aug_device_makes_the_augmix_view_in_the_training_loop(root, teacher, monkeypatch):
+    """--aug-device cuda (on the CPU here): clean crops from the loader, the AugMix view made in the loop."""
+    import data
+    seen = []
+    batched = data.augmix_batch
+    monkeypatch.setattr(data, "augmix_batch", lambda x, **kw: (seen.append(x.shape), batched(x, **kw))[1])
+    result = dp.main(FMNIST + TINY_CNN + ["--teacher", teacher, "--tune-last", "1", "--epochs", "1",
+                                          "--aug-device", "cuda", "--output", str(root / "gpu_aug")])
+    assert result["step"] == STEPS_PER_EPOCH and seen == [(16, 3, 32, 32)] * STEPS_PER_EPOCH
+    assert all(math.isfinite(v) for v in result["val"].values())
+
+
 @pytest.mark.parametrize("value,needle", [("0", "--tune-last 0"), ("9", "--tune-last 9"),
                                           ("two", "--tune-last 'two'")])
 def test_bad_tune_last_is_one_line(root, capsys, value, needle):

@@ -3,6 +3,7 @@
     HF_HUB_OFFLINE=1 python -m pytest -q
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -67,6 +68,21 @@ def test_training_modes_write_loadable_checkpoints(tmp_path, name, extra):
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [r["epoch"] for r in log if "epoch" in r] == list(range(1, result["epochs_done"] + 1))
     assert json.load(open(os.path.join(out, "args.json")))["output"] == out
+
+
+def test_aug_device_makes_the_augmix_views_in_the_training_loop(tmp_path, monkeypatch):
+    """--aug-device cuda (here on the CPU, --device cpu): the loader yields clean crops only and the loop
+    makes the two JSD views of every batch with the batched AugMix on the training device."""
+    seen = []
+    batched = data.augmix_batch
+    monkeypatch.setattr(data, "augmix_batch", lambda x, **kw: (seen.append((x.shape, x.device, kw)), batched(x, **kw))[1])
+    monkeypatch.setattr(data.Views, "__call__", lambda self, img: (
+        pytest.fail("loader made AugMix views") if self.n_aug else data.to_float(self.base(img))))
+    _, result = run_teacher(tmp_path, "gpu_aug", "--aug", "augmix", "--jsd", "12", "--aug-device", "cuda",
+                            "--aug-severity", "2")
+    assert result["step"] == 96 // 16 and math.isfinite(result["val_acc"])
+    assert len(seen) == 2 * result["step"]
+    assert all(s == (16, 3, 32, 32) and d.type == "cpu" and kw["severity"] == 2 for s, d, kw in seen)
 
 
 # ----------------------------------------------------------------------------- losses and augmentation

@@ -34,9 +34,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import (UserError, Views, add_aug_args, add_data_args, augmix, build_datasets, class_names, image_transforms,
-                  native_size,
-                  make_loader, set_loader_epoch, skipped_images)
+from data import (UserError, Views, add_aug_args, add_data_args, augmix_views, build_datasets, class_names,
+                  device_views, image_transforms, make_loader, native_size, set_loader_epoch, skipped_images)
 
 SCHEMA = "robustify/1"
 
@@ -495,8 +494,9 @@ def train(args):
 
     n_aug = 2 if args.jsd else (1 if args.aug == "augmix" else 0)
     train_tf, eval_tf = image_transforms(args.dataset, cfg)
-    aug = augmix(args.aug_severity, args.aug_width, args.aug_depth, all_ops=args.aug_all_ops)
-    train_set, val_set = build_datasets(args.dataset, args.data_dir, Views(train_tf, aug, n_aug), Views(eval_tf),
+    train_views, batch_aug = augmix_views(train_tf, n_aug, args.aug_device, args.aug_severity, args.aug_width,
+                                    args.aug_depth, args.aug_all_ops)
+    train_set, val_set = build_datasets(args.dataset, args.data_dir, train_views, Views(eval_tf),
                                         args.train_subset, args.val_subset)
     train_loader = make_loader(train_set, args.batch_size, args.workers, True, rank, world, args.seed)
     val_loader = make_loader(val_set, args.batch_size, args.workers, False, rank, world)
@@ -537,21 +537,20 @@ def train(args):
             if batch is None:
                 continue
             views, y = batch
-            views = views if isinstance(views, (list, tuple)) else [views]
-            x = torch.cat(views).to(device, non_blocking=True)
+            x = device_views(views, device, batch_aug, n_aug)   # --aug-device cuda: AugMix views made here
             y = y.to(device, non_blocking=True)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             if args.adv == "pgd":
                 net.eval()  # attack with frozen BN statistics, on the bare module, in fp32
-                x = pgd_attack(net, x, y.repeat(len(views)), args.adv_eps, args.adv_step, args.adv_steps,
+                x = pgd_attack(net, x, y.repeat(1 + n_aug), args.adv_eps, args.adv_step, args.adv_steps,
                                args.adv_norm, args.random_start)
                 net.train()
             lr = lr_at(step, total, args.lr, args.sched, warmup, args.ssfd_peak)
             set_lr(opt, lr)
             with autocast():
                 logits = ddp(x)
-            loss = criterion(logits.float(), y if args.jsd else y.repeat(len(views)))
+            loss = criterion(logits.float(), y if args.jsd else y.repeat(1 + n_aug))
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
