@@ -341,10 +341,11 @@ def augmix_magnitudes(op, height, width, bins=10):
     return table[op]
 
 
-def _affine_grid(ops, mags, h, w):
-    """Sampling grid [n, h, w, 2] of the geometric ops (index ops into AUGMIX_OPS[:5], magnitudes mags, both
-    on the CPU), as torchvision's F.affine / F.rotate compute it: bilinear, zero fill, coordinates of
-    pixel centres relative to the image centre."""
+def _affine(x, ops, mags):
+    """The geometric ops (index ops into AUGMIX_OPS[:5], magnitudes mags, both on the CPU) on x [n, 3, H, W]
+    as torchvision's F.affine / F.rotate compute them: bilinear, zero fill, coordinates of pixel centres
+    relative to the image centre. Only the [n, 2, 3] matrices travel to the device."""
+    h, w = x.shape[-2:]
     m = mags.double()
     zero = torch.zeros_like(m)
     inv = torch.eye(3, dtype=torch.float64).repeat(len(ops), 1, 1)  # output position -> input position
@@ -356,8 +357,9 @@ def _affine_grid(ops, mags, h, w):
     a = torch.deg2rad(m[rot])
     inv[rot, 0, 0], inv[rot, 0, 1], inv[rot, 1, 0], inv[rot, 1, 1] = a.cos(), -a.sin(), a.sin(), a.cos()
     scale = torch.tensor([w / 2, h / 2, 1.0], dtype=torch.float64)  # pixels -> affine_grid's [-1, 1] units
-    theta = (inv / scale[:, None] * scale[None, :])[:, :2]
-    return F.affine_grid(theta.float(), [len(ops), 1, h, w], align_corners=False)
+    theta = (inv / scale[:, None] * scale[None, :])[:, :2].to(x.device, torch.float32)
+    grid = F.affine_grid(theta, [len(ops), 1, h, w], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def _grey(x):
@@ -379,10 +381,9 @@ def _equalize(x):
 
 def augmix_op(x, name, mags):
     """One AugMix op on a float batch [n, 3, H, W] in [0, 1], magnitude mags[i] (CPU floats) for image i."""
-    n, _, h, w = x.shape
+    n = len(x)
     if name in AUGMIX_OPS[:5]:
-        grid = _affine_grid(torch.full((n,), AUGMIX_OPS.index(name)), mags, h, w)
-        return F.grid_sample(x, grid.to(x.device), mode="bilinear", padding_mode="zeros", align_corners=False)
+        return _affine(x, torch.full((n,), AUGMIX_OPS.index(name)), mags)
     m = mags.to(x.device, torch.float32).view(n, 1, 1, 1)
     if name == "Posterize":  # keep the top `bits` bits of each 8-bit level
         step = 2.0 ** (8 - m)
@@ -442,9 +443,8 @@ def augmix_batch(x, severity=3, width=3, depth=-1, alpha=1.0, all_ops=False, gen
         live = depths > d
         rows = torch.nonzero(live & (ops[:, d] < 5))[:, 0]   # index sets on the CPU: no device sync
         if len(rows):
-            grid = _affine_grid(ops[rows, d], mags[rows, d], h, w).to(x.device)
             idx = rows.to(x.device)
-            out[idx] = F.grid_sample(aug[idx], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            out[idx] = _affine(aug[idx], ops[rows, d], mags[rows, d])
         for k in range(5, len(names)):
             rows = torch.nonzero(live & (ops[:, d] == k))[:, 0]
             if len(rows):

@@ -118,3 +118,11 @@ def test_cuda_makes_the_cpu_choices():
         assert gpu.device.type == "cuda"
         diff = (gpu.cpu() - cpu).abs()
         assert diff.mean() < 1e-3 and (diff > 2 / 255).float().mean() < 0.01   # thresholds may flip a rare pixel
+
+
+def test_bench_mfu_peaks():
+    """bench.py reports MFU only against a known dense bf16 peak; unknown cards (and H100 PCIe/NVL) get none."""
+    import bench
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and bench.peak_tflops("NVIDIA H200") == 989.0
+    assert bench.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert bench.peak_tflops("NVIDIA H100 PCIe") is None and bench.peak_tflops("Tesla T4") is None
