@@ -14,6 +14,15 @@ import data
 TV = v2.AugMix(all_ops=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small per-image ops run faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def colour_images(n, h=32, w=40, seed=0):
     """uint8 [n, 3, h, w]: oriented sinusoids per channel and a flat rectangle (edges, gradients, flat areas)."""
     g = torch.Generator().manual_seed(seed)
@@ -64,10 +73,10 @@ def test_each_op_matches_torchvision(name):
             assert d_want.abs().mean() > 1e-3 or name == "Posterize"   # the op does something here
 
 
-@pytest.mark.parametrize("all_ops,severity", [(False, 1), (False, 3), (True, 3)])
+@pytest.mark.parametrize("all_ops,severity", [(False, 1), (True, 3)])
 def test_augmix_statistics_match_torchvision(all_ops, severity):
     """Whole AugMix, 512 images: the pixel change (mean |d|, std d) within 12% of torchvision's; the gap
-    between severities 1 and 3 (~2.5x) shows a wrong magnitude table or severity at once."""
+    between severities 1 and 3 (~2x) shows a wrong magnitude table or severity at once."""
     x = colour_images(512, seed=1)
     torch.manual_seed(0)
     t = v2.AugMix(severity=severity, all_ops=all_ops)
