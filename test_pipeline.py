@@ -33,3 +33,16 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     again = pipeline.main(argv)
     assert capsys.readouterr().out.count("(reusing the finished run") == 3
     assert again["table"].split("wall time")[0] == out["table"].split("wall time")[0]
+
+
+def test_runs_made_before_a_new_flag_are_reused(tmp_path):
+    """A finished stage whose args.json predates a flag (e.g. --device) is still reused while the flag keeps its
+    default, and rerun when the new flag is set to something else."""
+    argv = ["--dataset", "fashion-mnist", "--output", str(tmp_path)]
+    args = vars(pipeline.train_teacher.get_parser().parse_args(argv))
+    old = {k: v for k, v in args.items() if k not in ("device", "deterministic", "aug_device")}
+    (tmp_path / "args.json").write_text(json.dumps(old))
+    (tmp_path / "log.jsonl").write_text(json.dumps({"final": {}}) + "\n")
+    assert pipeline.finished(str(tmp_path), argv)
+    assert not pipeline.finished(str(tmp_path), argv + ["--deterministic"])
+    assert not pipeline.finished(str(tmp_path), argv + ["--epochs", "3"])
