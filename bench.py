@@ -194,7 +194,8 @@ def bench_augmix(device, batch, steps=3):
     time, one thread) and the batched AugMix (data.augmix_batch) on the device, uint8 in and out."""
     out = {}
     for size in (32, 224):
-        images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         aug, n = data.augmix(), max(8, min(batch, 20_000 // size))
