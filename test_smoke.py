@@ -301,7 +301,7 @@ def test_device_cuda_without_a_gpu_is_one_line(monkeypatch, capsys):
 def test_torchrun_two_processes(tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",  # a free port
            "train_teacher.py", *FMNIST, *TINY_CNN, "--epochs", "2", "--output", str(out)]
     p = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
