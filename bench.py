@@ -2,6 +2,7 @@
 
     python bench.py                                   # CPU defaults (ViT-S/16 at 224 px, batch 8)
     python bench.py --student vit_l16 -b 64 --amp     # CUDA: bf16, the issue's setting
+    python bench.py --student vit_l16 -b 64 --amp --compile --sections train,data   # CUDA: MFU, GPU AugMix
     python bench.py --sections data,corrupt,eval      # pick sections
 
 Sections:
@@ -9,9 +10,11 @@ Sections:
            loss, backward, AdamW) for --tune-last 1, 2, N/6 and all (all = complete fine-tuning,
            no teacher), each as a ratio to complete fine-tuning; achieved FLOP/s. Each K runs in a
            fresh process so peak memory is its own (CUDA: max_memory_allocated; CPU: peak RSS growth
-           over the built model).
+           over the built model). AdamW is fused on CUDA. MFU = model FLOP/s (matmul FLOPs counted by
+           torch's FlopCounterMode) over the card's dense bf16 peak (PEAK_BF16; other cards: no MFU).
   infer    inference cost of the auto-head student (K = N/6) relative to the original model
-  data     data pipeline images/s per worker: plain, AugMix (1 view), AugMix+JSD (2 views)
+  data     data pipeline images/s per worker: plain, AugMix (1 view), AugMix+JSD (2 views); AugMix at
+           32 and 224 px: one CPU worker (torchvision, one thread) vs the batched AugMix on the device
   corrupt  corruption generation images/s for each of the 19 corruptions at 32 and 224 px
   eval     evaluation images/s of the embedded benchmark's student and teacher (32 px)
 Timings are medians over --steps after --warmup; nothing here is asserted in tests.
@@ -33,6 +36,9 @@ from train_teacher import Normalized, amp_setup, create_model, model_data_config
 
 FMNIST_STUDENT = ("vit_tiny_patch16_224", ["img_size=32", "patch_size=8", "embed_dim=192", "depth=6", "num_heads=3"])
 FMNIST_TEACHER = ("resnet18", ["layers=[1,1,1,1]", "channels=[16,32,64,128]"])
+# Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from NVIDIA's data sheets: SXM parts only for the
+# H100 (PCIe and NVL cards are slower and are not listed, so they get no MFU rather than a wrong one).
+PEAK_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def get_parser():
@@ -48,6 +54,9 @@ def get_parser():
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the branch and the teacher (train, infer)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: CUDA when available")
+    p.add_argument("--augmix-batch", type=int, default=256, help="batch of the device AugMix measurement")
     p.add_argument("--tune-last", default=None, help="(internal) time one K in this process and print JSON")
     p.add_argument("--data-images", type=int, default=400, help="images per data-pipeline measurement")
     p.add_argument("--output", default=None, help="also write the results as JSON here")
@@ -65,6 +74,13 @@ def build(args, k, device):
         t = create_model(args.teacher, args.num_classes, model_kwargs=parse_kwargs(args.teacher_kwargs))
         teacher = Normalized(t, model_data_config(t, size)).to(device).eval().requires_grad_(False)
     return student, teacher
+
+
+def peak_tflops(device_name):
+    """Dense bf16 peak of a known card, or None (MFU is then not reported)."""
+    if any(s in device_name for s in ("PCIe", "NVL")):
+        return None
+    return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
 
 
 def timed(fn, steps, warmup, device):
@@ -102,17 +118,22 @@ def bench_one_k(args, device):
     def step():
         train_step(student, teacher, x, y, opt, scaler, autocast, 2.0, 0.5)
 
-    step()  # allocate optimizer state before the memory baseline
+    with FlopCounterMode(display=False) as fc:  # eager, before compiling: the model's FLOPs, counted once
+        step()  # also allocates the optimizer state before the memory baseline
+    flops = fc.get_total_flops()
+    if args.compile:  # in place, as distill_partial.py does: the state dict keys stay clean
+        student.branch.compile()
+        if teacher is not None:
+            teacher.compile()
     base_rss = peak_rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated()
     sec = timed(step, args.steps, args.warmup, device)
-    with FlopCounterMode(display=False) as fc:
-        step()
-    flops = fc.get_total_flops()
     mem = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20 if device.type == "cuda" else None
+    peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     return dict(k=k, depth=student.n_blocks, step_s=sec, img_s=args.batch_size / sec, tflops=flops / sec / 1e12,
+                mfu=flops / sec / 1e12 / peak if peak else None, fused_adamw=bool(opt.defaults.get("fused")),
                 trainable_m=sum(p.numel() for m in student.trainable() for p in m.parameters()) / 1e6,
                 peak_mem_mb=mem if mem is not None else peak_rss_mb(), rss_growth_mb=peak_rss_mb() - base_rss)
 
@@ -144,6 +165,9 @@ def bench_infer(args, device):
     student.tau = 0.0
     x = torch.rand(args.batch_size, 3, *original.size).to(device)
     autocast, _ = amp_setup(device, args.amp, "bf16")
+    if args.compile:
+        original.compile()
+        student.compile()
     with autocast():
         t0 = timed(lambda: original(x), args.steps, args.warmup, device)
         t1 = timed(lambda: predict(student, x, "auto"), args.steps, args.warmup, device)
@@ -162,6 +186,28 @@ def bench_data(n):
             ds[i]
         out[name] = n / (time.perf_counter() - t0)
     torch.set_num_threads(os.cpu_count() or 1)
+    return out
+
+
+def bench_augmix(device, batch, steps=3):
+    """AugMix images/s at 32 and 224 px: one CPU worker (torchvision's v2.AugMix on one uint8 image at a
+    time, one thread) and the batched AugMix (data.augmix_batch) on the device, uint8 in and out."""
+    out = {}
+    for size in (32, 224):
+        g = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        aug, n = data.augmix(), max(8, min(batch, 20_000 // size))
+        t0 = time.perf_counter()
+        for img in images[:n]:
+            aug(img)
+        out[f"cpu_worker_{size}px"] = n / (time.perf_counter() - t0)
+        torch.set_num_threads(threads)
+        x = images.to(device)
+        sec = timed(lambda: data.augmix_batch(x), steps, 1, device)
+        out[f"batched_{device.type}_{size}px"] = batch / sec
+        out[f"speedup_{size}px"] = out[f"batched_{device.type}_{size}px"] / out[f"cpu_worker_{size}px"]
     return out
 
 
@@ -185,26 +231,31 @@ def table(rows, cols):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = get_parser().parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
     if args.tune_last:
         print(json.dumps(bench_one_k(args, device)))
         return
     sections = args.sections.split(",")
-    env = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if device.type == "cuda" else
-               f"CPU, {os.cpu_count()} cores", threads=torch.get_num_threads(), amp=args.amp)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    env = dict(torch=torch.__version__, device=name, threads=torch.get_num_threads(), amp=args.amp,
+               compile=args.compile, peak_bf16_tflops=peak_tflops(name) if device.type == "cuda" else None)
     results = dict(env=env)
     print(f"bench.py {' '.join(argv)}\n{env}\n")
     if "train" in sections:
         results["train"] = bench_train(args, argv)
         print(f"Training step, {args.student}, batch {args.batch_size} (+ {args.batch_size} AugMix views)\n" +
               table(results["train"], ["k", "step_s", "img_s", "time_vs_full", "peak_mem_mb", "mem_vs_full",
-                                       "trainable_m", "tflops"]) + "\n")
+                                       "trainable_m", "tflops"] + (["mfu"] if env["peak_bf16_tflops"] else [])) + "\n")
     if "infer" in sections:
         results["infer"] = bench_infer(args, device)
         print("Inference, auto head (K = N/6) vs original\n" + table([results["infer"]], list(results["infer"])) + "\n")
     if "data" in sections:
         results["data"] = bench_data(args.data_images)
         print("Data pipeline, images/s per worker (Fashion-MNIST, 32 px)\n" + table([results["data"]], list(results["data"])) + "\n")
+        results["augmix"] = bench_augmix(device, args.augmix_batch)
+        print(f"AugMix, images/s: one CPU worker vs batched on {device.type} (batch {args.augmix_batch})\n" +
+              table([results["augmix"]], list(results["augmix"])) + "\n")
     if "corrupt" in sections:
         results["corrupt"] = {s: data.measure_corruption_throughput(s, 64 if s <= 64 else 16, device) for s in (32, 224)}
         rows = [dict(corruption=c, px32=results["corrupt"][32][c], px224=results["corrupt"][224][c])

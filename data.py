@@ -54,6 +54,8 @@ def add_aug_args(parser):
     parser.add_argument("--aug-depth", type=int, default=-1, help="AugMix ops per chain (-1: random 1-3)")
     parser.add_argument("--aug-all-ops", action="store_true", help="also use the ops that overlap ImageNet-C "
                         "(unfair for corruption benchmarks)")
+    parser.add_argument("--aug-device", default="cpu", choices=["cpu", "cuda"], help="cpu: AugMix in the loader "
+                        "workers; cuda: batched AugMix in the training loop on the training device (--device)")
     return parser
 
 
@@ -317,6 +319,172 @@ def augmix(severity=3, width=3, depth=-1, alpha=1.0, all_ops=False):
     return v2.AugMix(severity=severity, mixture_width=width, chain_depth=depth, alpha=alpha, all_ops=all_ops)
 
 
+# AugMix on a whole batch, on the device that holds it (--aug-device cuda): the op set, magnitudes,
+# severities, Dirichlet mixing weights and Beta skip weight of torchvision's v2.AugMix, with every
+# random number drawn per image on the CPU (so CPU and CUDA draw the same choices). Ops work on floats
+# in [0, 1]; posterize and equalize on the 8-bit levels, like torchvision's uint8 kernels. Not bit-equal
+# to torchvision (which rounds to uint8 after every op), equal in distribution (test_smoke.py).
+AUGMIX_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Posterize", "Solarize", "AutoContrast",
+              "Equalize")
+AUGMIX_ALL_OPS = AUGMIX_OPS + ("Brightness", "Color", "Contrast", "Sharpness")  # these overlap ImageNet-C
+
+
+def augmix_magnitudes(op, height, width, bins=10):
+    """(magnitude of each severity bin, signed) of one op: torchvision's table (PARAMETER_MAX = 10 bins)."""
+    lin = lambda top: torch.linspace(0.0, top, bins)  # noqa: E731
+    table = {"ShearX": (lin(0.3), True), "ShearY": (lin(0.3), True), "TranslateX": (lin(width / 3.0), True),
+             "TranslateY": (lin(height / 3.0), True), "Rotate": (lin(30.0), True),
+             "Posterize": ((4 - torch.arange(bins) / ((bins - 1) / 4)).round(), False),
+             "Solarize": (torch.linspace(1.0, 0.0, bins), False), "AutoContrast": (torch.zeros(bins), False),
+             "Equalize": (torch.zeros(bins), False)}
+    table.update({name: (lin(0.9), True) for name in ("Brightness", "Color", "Contrast", "Sharpness")})
+    return table[op]
+
+
+def _affine(x, ops, mags):
+    """The geometric ops (index ops into AUGMIX_OPS[:5], magnitudes mags, both on the CPU) on x [n, 3, H, W]
+    as torchvision's F.affine / F.rotate compute them: bilinear, zero fill, coordinates of pixel centres
+    relative to the image centre. Only the [n, 2, 3] matrices travel to the device."""
+    h, w = x.shape[-2:]
+    m = mags.double()
+    zero = torch.zeros_like(m)
+    inv = torch.eye(3, dtype=torch.float64).repeat(len(ops), 1, 1)  # output position -> input position
+    inv[:, 0, 1] = torch.where(ops == 0, m, zero)   # ShearX about the top-left corner (center=[0, 0])
+    inv[:, 1, 0] = torch.where(ops == 1, m, zero)   # ShearY
+    inv[:, 0, 2] = torch.where(ops == 0, m * h / 2, zero) - torch.where(ops == 2, m.trunc(), zero)  # TranslateX
+    inv[:, 1, 2] = torch.where(ops == 1, m * w / 2, zero) - torch.where(ops == 3, m.trunc(), zero)  # TranslateY
+    rot = ops == 4   # Rotate: counter-clockwise by m degrees about the centre
+    a = torch.deg2rad(m[rot])
+    inv[rot, 0, 0], inv[rot, 0, 1], inv[rot, 1, 0], inv[rot, 1, 1] = a.cos(), -a.sin(), a.sin(), a.cos()
+    scale = torch.tensor([w / 2, h / 2, 1.0], dtype=torch.float64)  # pixels -> affine_grid's [-1, 1] units
+    theta = (inv / scale[:, None] * scale[None, :])[:, :2].to(x.device, torch.float32)
+    grid = F.affine_grid(theta, [len(ops), 1, h, w], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _grey(x):
+    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _equalize(x):
+    """torchvision's (PIL's) histogram equalisation of the 8-bit levels, per image and channel."""
+    b, c, h, w = x.shape
+    q = (x * 255).round().long().view(b * c, h * w)
+    hist = torch.zeros(b * c, 256, dtype=torch.long, device=x.device).scatter_add_(1, q, torch.ones_like(q))
+    cum = hist.cumsum(1)
+    step = (h * w - hist.gather(1, cum.argmax(1, keepdim=True))) // 255
+    lut = ((cum[:, :-1] + step // 2) // step.clamp_min(1)).clamp(0, 255)
+    lut = torch.cat([torch.zeros_like(lut[:, :1]), lut], 1)
+    out = torch.where(step > 0, lut.gather(1, q), q)
+    return out.view(b, c, h, w).float() / 255
+
+
+def augmix_op(x, name, mags):
+    """One AugMix op on a float batch [n, 3, H, W] in [0, 1], magnitude mags[i] (CPU floats) for image i."""
+    n = len(x)
+    if name in AUGMIX_OPS[:5]:
+        return _affine(x, torch.full((n,), AUGMIX_OPS.index(name)), mags)
+    m = mags.to(x.device, torch.float32).view(n, 1, 1, 1)
+    if name == "Posterize":  # keep the top `bits` bits of each 8-bit level
+        step = 2.0 ** (8 - m)
+        return torch.floor((x * 255).round() / step) * step / 255
+    if name == "Solarize":
+        return torch.where(x >= m, 1 - x, x)
+    if name == "AutoContrast":
+        lo, hi = x.amin(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)
+        flat = hi == lo
+        return ((x - torch.where(flat, 0, lo)) / torch.where(flat, 1, hi - lo)).clamp(0, 1)
+    if name == "Equalize":
+        return _equalize(x)
+    f = 1 + m
+    if name == "Brightness":
+        return (x * f).clamp(0, 1)
+    if name == "Color":
+        return (x * f + _grey(x) * (1 - f)).clamp(0, 1)
+    if name == "Contrast":
+        return (x * f + _grey(x).mean(dim=(1, 2, 3), keepdim=True) * (1 - f)).clamp(0, 1)
+    if name == "Sharpness":  # blend with a 3x3 smoothing (1s around a 5, /13); borders keep the image
+        kernel = torch.ones(3, 3, device=x.device)
+        kernel[1, 1] = 5
+        smooth = x.clone()
+        smooth[..., 1:-1, 1:-1] = F.conv2d(x, (kernel / 13).expand(3, 1, 3, 3), groups=3)
+        return (x * f + smooth * (1 - f)).clamp(0, 1)
+    raise ValueError(f"unknown AugMix op {name!r}")
+
+
+def augmix_batch(x, severity=3, width=3, depth=-1, alpha=1.0, all_ops=False, generator=None):
+    """AugMix (Hendrycks et al. 2020) of every image of a batch [B, 3, H, W] (uint8, or float in [0, 1]) on
+    its device; same dtype out. Per image: skip weight m ~ Beta(alpha, alpha), chain weights ~
+    Dirichlet(alpha), `width` chains of `depth` ops (-1: 1-3 at random), each op uniform from the set,
+    its magnitude uniform from the first `severity` of 10 bins, signed ops negated with odds 1/2;
+    out = m * x + (1 - m) * sum_i w_i chain_i(x). Random numbers come from `generator` (a CPU one; the
+    global CPU generator by default), so CPU and CUDA make the same choices."""
+    names = AUGMIX_ALL_OPS if all_ops else AUGMIX_OPS
+    b, _, h, w = x.shape
+    gen = dict(generator=generator)
+    skip = torch._sample_dirichlet(torch.full((b, 2), float(alpha)), **gen)
+    weights = torch._sample_dirichlet(torch.full((b, width), float(alpha)), **gen) * skip[:, 1:]
+    depths = torch.full((b, width), depth) if depth > 0 else torch.randint(1, 4, (b, width), **gen)
+    n_steps = int(depths.max())
+    ops = torch.randint(len(names), (b, width, n_steps), **gen)
+    bins = torch.randint(severity, (b, width, n_steps), **gen)
+    signs = torch.where(torch.rand((b, width, n_steps), **gen) <= 0.5, -1.0, 1.0)
+    table = torch.stack([augmix_magnitudes(n, h, w)[0].float() for n in names])
+    signed = torch.tensor([augmix_magnitudes(n, h, w)[1] for n in names])
+    mags = table[ops, bins] * torch.where(signed[ops], signs, 1.0)
+
+    # the chains side by side as one batch (row i * B + image), one op kind at a time
+    ops, mags = ops.transpose(0, 1).reshape(width * b, n_steps), mags.transpose(0, 1).reshape(width * b, n_steps)
+    depths = depths.t().reshape(width * b)
+    xf = to_float(x)
+    aug = xf.repeat(width, 1, 1, 1)
+    for d in range(n_steps):
+        out = aug.clone()
+        live = depths > d
+        rows = torch.nonzero(live & (ops[:, d] < 5))[:, 0]   # index sets on the CPU: no device sync
+        if len(rows):
+            idx = rows.to(x.device)
+            out[idx] = _affine(aug[idx], ops[rows, d], mags[rows, d])
+        for k in range(5, len(names)):
+            rows = torch.nonzero(live & (ops[:, d] == k))[:, 0]
+            if len(rows):
+                idx = rows.to(x.device)
+                out[idx] = augmix_op(aug[idx], names[k], mags[rows, d])
+        aug = out
+    mix = skip[:, 0].to(x.device).view(b, 1, 1, 1) * xf
+    mix += (weights.t().to(x.device).reshape(width, b, 1, 1, 1) * aug.view(width, *x.shape)).sum(0)
+    return (mix * 255).to(torch.uint8) if x.dtype == torch.uint8 else mix.to(x.dtype)
+
+
+class BatchAugMix:
+    """augmix_batch with fixed settings: the --aug-device cuda counterpart of augmix()."""
+
+    def __init__(self, severity=3, width=3, depth=-1, alpha=1.0, all_ops=False):
+        self.kwargs = dict(severity=severity, width=width, depth=depth, alpha=alpha, all_ops=all_ops)
+
+    def __call__(self, x, generator=None):
+        return augmix_batch(x, generator=generator, **self.kwargs)
+
+
+def augmix_views(base, n_aug, aug_device, severity=3, width=3, depth=-1, all_ops=False):
+    """(loader transform, batched AugMix or None). --aug-device cpu: the loader workers make the n_aug
+    AugMix views; cuda: they yield the clean crop only and the training loop makes the views on its
+    device (device_views)."""
+    if aug_device == "cpu" or not n_aug:
+        return Views(base, augmix(severity, width, depth, all_ops=all_ops), n_aug), None
+    return Views(base), BatchAugMix(severity, width, depth, all_ops=all_ops)
+
+
+def device_views(views, device, batch_aug=None, n_aug=0):
+    """One tensor [clean; aug_1; ...; aug_n] on the device, from a batch's views; with batch_aug the
+    loader sent the clean crops only and the n_aug AugMix views are made here, on the device."""
+    views = list(views) if isinstance(views, (list, tuple)) else [views]
+    views = [v.to(device, non_blocking=True) for v in views]
+    if batch_aug is not None:
+        views += [batch_aug(views[0]) for _ in range(n_aug)]
+    return torch.cat(views)
+
+
 class Views:
     """Transform returning the clean view and n_aug AugMix views of one image, as floats in [0, 1].
 
@@ -399,7 +567,8 @@ def set_loader_epoch(loader, epoch, seed):
 # pixelate ratios, JPEG qualities and blend weights are used as published. The plasma map of fog is
 # drawn at the next power of two >= the image side, as the reference does (256 for 224, 32 for 32).
 #
-# Deterministic given seed: every random draw comes from a torch.Generator on x.device.
+# Deterministic given seed: every random draw comes from a seeded CPU torch.Generator and is then moved
+# to x.device, so CPU and CUDA corrupt an image identically up to float round-off.
 #
 # Note on frost: ImageNet-C blends six frost photographs (frost1.png ... frost6.jpg, shipped with the
 # imagenet_c package). Pass their folder as frost_dir to use them. Without them a procedural frost
@@ -530,8 +699,17 @@ def _clipped_zoom(x, zoom):
     return up[..., th:th + h, tw:tw + w]
 
 
+def _rand(shape, gen, device):
+    """U[0, 1) drawn on the generator's device (the CPU), then moved: the same numbers on every device."""
+    return torch.rand(shape, generator=gen, device=gen.device).to(device)
+
+
+def _randn(shape, gen, device):
+    return torch.randn(shape, generator=gen, device=gen.device).to(device)
+
+
 def _uniform(shape, low, high, gen, device):
-    return torch.rand(shape, generator=gen, device=device) * (high - low) + low
+    return _rand(shape, gen, device) * (high - low) + low
 
 
 # ----------------------------------------------------------------------------- noise
@@ -539,27 +717,27 @@ def _uniform(shape, low, high, gen, device):
 def gaussian_noise(x, severity, gen):
     """x + N(0, c^2) per pixel and channel."""
     c, _ = _pick(x, (.08, .12, .18, .26, .38), (.04, .08, .12, .15, .18), (.04, .06, .08, .09, .10), severity)
-    return (x + c * torch.randn(x.shape, generator=gen, device=x.device)).clamp(0, 1)
+    return (x + c * _randn(x.shape, gen, x.device)).clamp(0, 1)
 
 
 def shot_noise(x, severity, gen):
     """Poisson(x * c) / c: photon noise with c photons for a white pixel."""
     c, _ = _pick(x, (60, 25, 12, 5, 3), (250, 100, 50, 30, 15), (500, 250, 100, 75, 50), severity)
-    return (torch.poisson(x * c, generator=gen) / c).clamp(0, 1)
+    return (torch.poisson((x * c).to(gen.device), generator=gen).to(x.device) / c).clamp(0, 1)
 
 
 def impulse_noise(x, severity, gen):
     """Salt and pepper (skimage random_noise 's&p'): a fraction c of the values, channels independent,
     set to 0 or 1 with equal odds."""
     c, _ = _pick(x, (.03, .06, .09, .17, .27), (.01, .02, .05, .08, .14), (.01, .02, .03, .05, .07), severity)
-    u = torch.rand(x.shape, generator=gen, device=x.device)
+    u = _rand(x.shape, gen, x.device)
     return torch.where(u < c, (u < c / 2).to(x.dtype), x)
 
 
 def speckle_noise(x, severity, gen):
     """x + x * N(0, c^2): noise proportional to intensity."""
     c, _ = _pick(x, (.15, .2, .35, .45, .6), (.15, .2, .25, .3, .35), (.06, .1, .12, .16, .2), severity)
-    return (x + x * c * torch.randn(x.shape, generator=gen, device=x.device)).clamp(0, 1)
+    return (x + x * c * _randn(x.shape, gen, x.device)).clamp(0, 1)
 
 
 # ----------------------------------------------------------------------------- blur
@@ -614,11 +792,11 @@ def glass_blur(x, severity, gen):
     x = torch.floor(_gaussian_blur(x, sigma).clamp(0, 1) * 255) / 255  # the reference goes through uint8 here
     k = 2 * delta
     for _ in range(rounds):
-        oy, ox = torch.randint(k, (2,), generator=gen, device=x.device).tolist()
+        oy, ox = torch.randint(k, (2,), generator=gen, device=gen.device).tolist()
         xp = F.pad(x, (ox, -(w + ox) % k, oy, -(h + oy) % k), mode="replicate")  # grid offset, whole blocks
         nh, nw = xp.shape[-2] // k, xp.shape[-1] // k
         blocks = xp.view(b, ch, nh, k, nw, k).transpose(3, 4).reshape(b, ch, nh, nw, k * k)
-        perm = torch.rand((b, 1, nh, nw, k * k), generator=gen, device=x.device).argsort(-1)
+        perm = _rand((b, 1, nh, nw, k * k), gen, x.device).argsort(-1)
         blocks = blocks.gather(-1, perm.expand(b, ch, -1, -1, -1))
         xp = blocks.view(b, ch, nh, nw, k, k).transpose(3, 4).reshape(b, ch, nh * k, nw * k)
         x = xp[..., oy:oy + h, ox:ox + w]
@@ -659,7 +837,7 @@ def snow(x, severity, gen):
                  ((.1, .2, 1, .6, 8, 3, .95), (.1, .2, 1, .5, 10, 4, .9), (.15, .3, 1.75, .55, 10, 4, .9),
                   (.25, .3, 2.25, .6, 12, 6, .85), (.3, .3, 1.25, .65, 14, 12, .8)), severity)
     b, _, h, w = x.shape
-    flakes = c[0] + c[1] * torch.randn((b, 1, h, w), generator=gen, device=x.device)
+    flakes = c[0] + c[1] * _randn((b, 1, h, w), gen, x.device)
     flakes = _clipped_zoom(flakes, max(1.0, c[2] * s))
     flakes = torch.where(flakes < c[3], 0, flakes)
     flakes = torch.floor(flakes.clamp(0, 1) * 255) / 255  # the reference saves the layer as 8-bit PNG
@@ -694,14 +872,14 @@ def _procedural_frost(b, h, w, gen, device):
     show a similar field of view at every resolution), mean brightness 0.45 (a guess at the photos').
     Not the photos themselves."""
     side = min(h, w)
-    cloud = torch.rand((b, 1, 17, 17), generator=gen, device=device) * 0.1  # value noise, 4 octaves
+    cloud = _rand((b, 1, 17, 17), gen, device) * 0.1  # value noise, 4 octaves
     for cells, weight in ((2, .4), (4, .3), (8, .2)):
-        n = torch.rand((b, 1, cells + 1, cells + 1), generator=gen, device=device)
+        n = _rand((b, 1, cells + 1, cells + 1), gen, device)
         cloud += weight * F.interpolate(n, size=(17, 17), mode="bicubic", align_corners=True)
     cloud = F.interpolate(cloud, size=(h, w), mode="bicubic", align_corners=True)
     cloud = ((cloud - 0.2) / 0.6).clamp(0, 1)
-    seeds = (torch.rand((b, 1, h, w), generator=gen, device=device) < 150 / (h * w)).float()
-    seeds = seeds * torch.rand((b, 1, h, w), generator=gen, device=device)
+    seeds = (_rand((b, 1, h, w), gen, device) < 150 / (h * w)).float()
+    seeds = seeds * _rand((b, 1, h, w), gen, device)
     kern = 0
     for _ in range(3):  # one filter with the three needle directions summed (it is linear)
         k = _motion_kernels(0.2 * side, 0.1 * side, _uniform((b,), 0, 360, gen, device))
@@ -734,8 +912,8 @@ def frost(x, severity, gen, frost_dir=None):
     else:
         factor = {224: 1.0, 64: 0.3, 32: 0.2}[_reference_size(x)] * s  # how much the reference shrinks them
         imgs = [_frost_image(p, h, w, factor) for p in paths]
-        pick = torch.randint(len(imgs), (b,), generator=gen, device=x.device).cpu()
-        u = torch.rand((b, 2), generator=gen, device=x.device).cpu()
+        pick = torch.randint(len(imgs), (b,), generator=gen, device=gen.device)
+        u = torch.rand((b, 2), generator=gen, device=gen.device)
         layer = torch.empty(b, 3, h, w)
         iy, ix = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
         for k, img in enumerate(imgs):  # one gather per file, all its images at once
@@ -808,7 +986,7 @@ def spatter(x, severity, gen):
                  ((.62, .1, .7, .7, .5, 0), (.65, .1, .8, .7, .5, 0), (.65, .3, 1, .69, .5, 0),
                   (.65, .1, .7, .69, .6, 1), (.65, .1, .5, .68, .6, 1)), severity)
     b, _, h, w = x.shape
-    liquid = c[0] + c[1] * s * torch.randn((b, 1, h, w), generator=gen, device=x.device)
+    liquid = c[0] + c[1] * s * _randn((b, 1, h, w), gen, x.device)
     liquid = _gaussian_blur(liquid, c[2] * s)
     liquid = torch.where(liquid < c[3], 0, liquid)
     if c[5] == 1:  # mud
@@ -953,8 +1131,9 @@ def corrupt(x: torch.Tensor, name: str, severity: int, seed: int = 0, frost_dir:
     """Apply ImageNet-C corruption `name` at `severity` (1-5) to a batch.
 
     x: float [B, 3, H, W] in [0, 1], any H, W >= 32, on any device. Returns the same shape, dtype and
-    device, values in [0, 1], computed in float32. Deterministic given seed (a torch.Generator on
-    x.device; the global RNG is never touched). frost_dir: folder with the ImageNet-C frost images
+    device, values in [0, 1], computed in float32. Deterministic given seed and independent of the device
+    up to float round-off: random numbers come from a seeded CPU torch.Generator and are then moved to
+    x.device (the global RNG is never touched). frost_dir: folder with the ImageNet-C frost images
     (see frost)."""
     if name not in CORRUPTION_FNS:
         raise ValueError(f"Unknown corruption {name!r}: choose one of {', '.join(CORRUPTION_FNS)}.")
@@ -963,8 +1142,7 @@ def corrupt(x: torch.Tensor, name: str, severity: int, seed: int = 0, frost_dir:
     if x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
         raise ValueError(f"corrupt expects a float tensor [B, 3, H, W] in [0, 1], got {x.dtype} "
                          f"{tuple(x.shape)}; convert grey images with x.expand(-1, 3, -1, -1).")
-    gen = torch.Generator(device=x.device)
-    gen.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         xf = x.float().clamp(0, 1)
         fn = CORRUPTION_FNS[name]

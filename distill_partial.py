@@ -35,8 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (UserError, Views, add_aug_args, add_data_args, augmix, build_datasets, class_names, holdout,
+from data import (UserError, Views, add_aug_args, add_data_args, build_datasets, class_names, holdout,
                   image_transforms, make_loader, native_size, skipped_images, with_transform)
+from data import augmix_views, device_views  # own line: eases merging the import above
 from train_teacher import (SCHEMA, Normalized, RunLog, add_model_args, add_train_args, all_sum, amp_setup,
                            create_model, load_checkpoint, load_model, lr_at, model_data_config, parse_kwargs,
                            progress, ranks_agree, restore_training, run_main, save_checkpoint, set_lr, setup_distributed,
@@ -608,7 +609,7 @@ def check_args(args):
 
 def distill(args):
     check_args(args)
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(args.device, args.deterministic)
     log = RunLog(args.output, rank, args)
     torch.manual_seed(args.seed)
     arch = STUDENT_ALIASES.get(args.arch, args.arch)
@@ -632,8 +633,9 @@ def distill(args):
         student.load_state_dict(start["model"], strict=False)
 
     train_tf, eval_tf = image_transforms(args.dataset, cfg)
-    aug = augmix(args.aug_severity, args.aug_width, args.aug_depth, all_ops=args.aug_all_ops)
-    train_set, val_set = build_datasets(args.dataset, args.data_dir, Views(train_tf, aug, 1), Views(eval_tf),
+    train_views, batch_aug = augmix_views(train_tf, 1, args.aug_device, args.aug_severity, args.aug_width,
+                                          args.aug_depth, args.aug_all_ops)   # cuda: AugMix in the loop below
+    train_set, val_set = build_datasets(args.dataset, args.data_dir, train_views, Views(eval_tf),
                                         args.train_subset, args.val_subset)
     train_set, calib_set = holdout(train_set, args.calib_size, args.seed)
     train_loader = make_loader(train_set, args.batch_size, args.workers, True, rank, world, args.seed)
@@ -679,9 +681,9 @@ def distill(args):
         for batch in bar:
             if batch is None:
                 continue
-            (x_clean, x_aug), y = batch
+            views, y = batch
             b = len(y)
-            x = torch.cat([x_clean, x_aug]).to(device, non_blocking=True)
+            x = device_views(views, device, batch_aug, 1)   # [clean; AugMix] on the device
             y = y.to(device, non_blocking=True)
             lr = lr_at(step, total, args.lr, args.sched, warmup, args.ssfd_peak)
             set_lr(opt, lr)

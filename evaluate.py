@@ -62,6 +62,7 @@ from data import (CORRUPTIONS, EXTRA_CORRUPTIONS, ImageFolderSafe, UserError, Vi
                   shift_labels, subset, timm_info, to_float)
 from train_teacher import (Normalized, all_sum, amp_setup, create_model, fraction, load_checkpoint, load_model,
                            model_data_config, parse_kwargs, pgd_attack, progress, run_main, setup_distributed)
+from train_teacher import add_device_arg  # own line: eases merging the import above
 
 SHIFTS = ("clean", "c", "r", "sketch", "a", "v2", "augmix")
 SHIFT_DIRS = {"c": "imagenet-c", "r": "imagenet-r", "sketch": "imagenet-sketch", "a": "imagenet-a", "v2": "imagenetv2"}
@@ -118,6 +119,7 @@ def get_parser():
     p.add_argument("--amp", action="store_true", help="mixed precision on CUDA (PGD stays fp32)")
     p.add_argument("--amp-dtype", default="bf16", choices=["bf16", "fp16"], help="autocast dtype")
     p.add_argument("--seed", type=int, default=0, help="seed of subsets, generated corruptions, MC dropout, PGD starts")
+    add_device_arg(p)
     return p
 
 
@@ -854,7 +856,7 @@ def describe(args, summary, shifts, corruptions, severities, n_classes, cfg, ima
 
 def run(args):
     shifts, corruptions, severities, alphas = check_args(args)
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(args.device)
     log = functools.partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)
     root = clean_dir(args) if args.dataset == "folder" else None
     if args.dataset == "fashion-mnist":

@@ -163,15 +163,18 @@ def finished(folder, argv):
         with open(os.path.join(folder, "log.jsonl")) as f:
             done = any("final" in json.loads(line) for line in f)
         with open(os.path.join(folder, "args.json")) as f:
-            same = json.load(f) == vars(stage_args(folder, argv))
+            saved = json.load(f)
     except (OSError, ValueError):
         return False
-    return done and same
+    parser = stage_parser(argv)
+    # a flag added to the scripts after the run was made matches while it keeps its default
+    now = {k: v for k, v in vars(parser.parse_args(argv)).items() if k in saved or v != parser.get_default(k)}
+    return done and saved == now
 
 
-def stage_args(folder, argv):
-    module = distill_partial if "--student" in argv else train_teacher
-    return module.get_parser().parse_args(argv)
+def stage_parser(argv):
+    return (distill_partial if "--student" in argv else train_teacher).get_parser()
+
 
 
 def train_record(folder):

@@ -283,3 +283,73 @@ def test_measure_corruption_throughput():
     speeds = measure_corruption_throughput(32, batch_size=4, repeats=1)
     assert list(speeds) == list(ALL)
     assert all(math.isfinite(v) and v > 0 for v in speeds.values())
+
+
+# ----------------------------------------------------------------------------- device independence
+
+# Values the CPU code gave before random numbers were drawn on the CPU generator for every device
+# (x = torch.rand with seed 0 / 1, corrupt seed 5 / 9): measured numbers depend on them, so CPU
+# outputs must never change. (float64 sum of the whole output, four pixels [b, c, y, x])
+PIXELS = [(0, 0, 5, 7), (0, 1, 16, 16), (1, 2, 30, 3), (1, 0, 11, 25)]
+PINNED_32 = {
+    "gaussian_noise": (3055.6850964836776, [0.7555280327796936, 0.9705608487129211, 0.23182779550552368, 0.7992238402366638]),
+    "shot_noise": (3031.76999810338, [0.6700000166893005, 0.9300000071525574, 0.12999999523162842, 0.8600000143051147]),
+    "impulse_noise": (3064.2498468756676, [0.6883496046066284, 0.9921276569366455, 0.16151654720306396, 0.9276339411735535]),
+    "defocus_blur": (3059.8143913671374, [0.5043898820877075, 0.8160945177078247, 0.36180564761161804, 0.5713514685630798]),
+    "glass_blur": (3045.615583702922, [0.3493445813655853, 0.8879854083061218, 0.5970669388771057, 0.31921136379241943]),
+    "motion_blur": (3069.142962867394, [0.4655006527900696, 0.6506291031837463, 0.4735852777957916, 0.5497095584869385]),
+    "zoom_blur": (3048.1842270493507, [0.5571966767311096, 0.6804133057594299, 0.524405300617218, 0.5416381359100342]),
+    "snow": (3629.0857494696975, [0.7886846661567688, 1.0, 0.35558652877807617, 0.9679142236709595]),
+    "frost": (3730.716148763895, [0.7472542524337769, 1.0, 0.3199058771133423, 1.0]),
+    "fog": (3280.079930484295, [0.6131446957588196, 0.8087219595909119, 0.359355628490448, 0.7058732509613037]),
+    "brightness": (3550.8310150262405, [0.8171496987342834, 1.0, 0.16698028147220612, 0.9999999403953552]),
+    "contrast": (3057.647896170616, [0.5752152800559998, 0.6961371898651123, 0.3727814853191376, 0.6631823182106018]),
+    "elastic_transform": (3074.790673900483, [0.5654745101928711, 0.4228101074695587, 0.4510383605957031, 0.6677172780036926]),
+    "pixelate": (3057.647900402546, [0.6883496046066284, 0.678451657295227, 0.41355395317077637, 0.9276339411735535]),
+    "jpeg_compression": (3060.7255665399134, [0.8274509906768799, 0.8196078538894653, 0.4941176474094391, 0.5882353186607361]),
+    "speckle_noise": (3039.009618698292, [0.7577129602432251, 0.9600321054458618, 0.17855119705200195, 0.7489575743675232]),
+    "gaussian_blur": (3057.5209864899516, [0.47971147298812866, 0.7646911144256592, 0.3972976803779602, 0.5153355002403259]),
+    "spatter": (3073.6012126356363, [0.6883496046066284, 0.9921276569366455, 0.16151654720306396, 0.9276339411735535]),
+    "saturate": (2634.1233841255307, [0.6317001581192017, 0.9921276569366455, 0.0, 0.9276339411735535]),
+}
+PINNED_224 = {
+    "gaussian_noise": (75408.87882978958, [0.7376497387886047, 0.209572434425354, 1.0, 0.7711609601974487]),
+    "shot_noise": (69603.60097077489, [0.800000011920929, 0.6000000238418579, 0.4000000059604645, 1.0]),
+    "impulse_noise": (75224.06170243025, [0.5977752804756165, 0.5145577788352966, 0.8762259483337402, 0.9164770245552063]),
+    "glass_blur": (75009.41792470217, [0.49711742997169495, 0.5337349772453308, 0.5082361698150635, 0.496408611536026]),
+    "motion_blur": (75196.94704633951, [0.5164858102798462, 0.510356068611145, 0.5817074775695801, 0.4921152591705322]),
+    "snow": (122439.26793774962, [0.8383912444114685, 0.804564356803894, 1.0, 1.0]),
+    "frost": (91852.9442095533, [0.7203625440597534, 0.6566828489303589, 0.8059270977973938, 0.822803258895874]),
+    "fog": (79884.73475784808, [0.5107042789459229, 0.6183999180793762, 0.7064974308013916, 0.708332896232605]),
+    "elastic_transform": (75273.74384451844, [0.6447369456291199, 0.5920736789703369, 0.32464125752449036, 0.2308717966079712]),
+    "spatter": (69558.93846154213, [0.5977752804756165, 0.5145577788352966, 0.8762259483337402, 0.9164770245552063]),
+    "speckle_noise": (70981.3527709142, [0.7424909472465515, 0.24294370412826538, 1.0, 0.685975193977356]),
+}
+
+
+def test_cpu_outputs_are_pinned():
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x224 = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    for table, images, severity, seed, batch0 in ((PINNED_32, x, 3, 5, False), (PINNED_224, x224, 4, 9, True)):
+        for name, (total, values) in table.items():
+            y = corrupt(images, name, severity, seed=seed)
+            got = [y[(0,) + i[1:] if batch0 else i].item() for i in PIXELS]
+            # float round-off of another CPU's BLAS at most; a changed random draw moves these by >1e-3
+            assert got == pytest.approx(values, abs=2e-6), name
+            assert y.double().sum().item() == pytest.approx(total, rel=1e-6), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ALL)
+def test_cuda_gives_the_cpu_image(name):
+    """Same (seed, corruption, severity, image) -> the same corrupted image on CPU and CUDA, up to float
+    round-off (random draws come from a CPU generator on every device)."""
+    for size in (32, 224):
+        x = natural_images(2, size, seed=4)
+        for severity in (1, 3, 5):
+            cpu = corrupt(x, name, severity, seed=3)
+            gpu = corrupt(x.cuda(), name, severity, seed=3)
+            assert gpu.device.type == "cuda"
+            diff = (gpu.cpu() - cpu).abs()
+            # thresholds (salt/pepper, snow flakes, glass-blur uint8 floor, JPEG) may flip a rare pixel
+            assert diff.mean() < 2e-3 and (diff > 1e-3).float().mean() < 0.01, (name, size, severity, diff.max())

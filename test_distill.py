@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import data  # noqa: E402
 import distill_partial as dp  # noqa: E402
 import train_teacher as tt  # noqa: E402
 from data import FASHION_MNIST_CLASSES, UserError, fashion_mnist, make_loader  # noqa: E402
@@ -24,8 +25,9 @@ from data import FASHION_MNIST_CLASSES, UserError, fashion_mnist, make_loader  #
 HERE = os.path.dirname(os.path.abspath(__file__))
 VIT, VIT_KW = "vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
 CNN, CNN_KW = "resnet18", dict(layers=[1, 1, 1, 1], channels=[8, 16, 32, 64])
+# --device cpu: these tests compare with CPU computations (and run two gloo processes), also on a GPU machine
 FMNIST = ["--dataset", "fashion-mnist", "--train-subset", "96", "--val-subset", "32", "--calib-size", "32",
-          "-b", "16", "-j", "0"]
+          "-b", "16", "-j", "0", "--device", "cpu"]
 STEPS_PER_EPOCH = (96 - 32) // 16
 DELTA_KEYS = ("branch.", "head_robust.", "head_combined.")
 
@@ -196,11 +198,63 @@ def test_clean_head_is_the_original_model_bit_for_bit(family, k, at):
     assert not torch.allclose(robust, clean) and not torch.allclose(combined, clean)   # the branch did train
 
 
-def test_tune_last_all_trains_every_block(root):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@CUDA
+@pytest.mark.parametrize("family", ["vit", "cnn"])
+def test_clean_head_is_bit_exact_under_bf16_autocast(family):
+    """On CUDA under bf16 autocast the clean head is still the original model, run the same way, bit for bit."""
+    device = torch.device("cuda")
+    student, ref = tiny_student(family, 2)
+    student, ref = student.to(device).eval(), ref.to(device)
+    autocast, _ = tt.amp_setup(device, True, "bf16")
+    x = images(6, seed=1).to(device)
+    with torch.no_grad(), autocast():
+        clean, robust, combined = student(x)
+        want = ref(x)
+    assert clean.device.type == "cuda" and torch.equal(clean, want)
+    assert torch.equal(robust, want) and torch.equal(combined, want)
+
+
+@CUDA
+def test_bf16_distill_step_on_cuda():
+    """One method step under bf16 autocast on CUDA: finite loss in fp32, only the branch and the new heads
+    move, and the clean head still equals the original model (in the step and after it)."""
+    device = torch.device("cuda")
+    student, ref = tiny_student("vit", 2)
+    student, ref = student.to(device), ref.to(device)
+    torch.manual_seed(0)
+    teacher = tt.Normalized(tt.create_model(CNN, 10, model_kwargs=CNN_KW), tt.model_data_config(ref.model, 32))
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    frozen = {n: t.clone() for n, t in student.model.state_dict().items()}
+    delta = {n: t.clone() for n, t in dp.delta_state(student).items()}
+    opt = dp.build_optimizer(student, "adamw", 1e-2, 0.05, device)
+    autocast, scaler = tt.amp_setup(device, True, "bf16")
+    x = torch.cat([images(4, seed=10), images(4, seed=20)]).to(device)
+    y = torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(2)).to(device)
+    student.train()
+    loss = dp.train_step(student, teacher, x, y, opt, scaler, autocast, 2.0, 0.5)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert not scaler.is_enabled()   # bf16 needs no loss scaling
+    for name, t in student.model.state_dict().items():
+        assert torch.equal(t, frozen[name]), name
+    moved = [n for n, t in dp.delta_state(student).items() if not torch.equal(t, delta[n])]
+    assert any(n.startswith("branch.") for n in moved) and any(n.startswith("head_robust.") for n in moved)
+    with torch.no_grad(), autocast():
+        assert torch.equal(student.eval()(x)[0], ref(x))
+
+
+def test_tune_last_all_trains_every_block(root, monkeypatch):
+    """Also --aug-device cuda (on the CPU here): clean crops from the loader, the AugMix view made in the loop."""
+    seen = []
+    batched = data.augmix_batch
+    monkeypatch.setattr(data, "augmix_batch", lambda x, **kw: (seen.append(x.shape), batched(x, **kw))[1])
     out = str(root / "all")
     result = dp.main(FMNIST + TINY_CNN + ["--teacher", "none", "--tune-last", "all", "--epochs", "1",
-                                          "--output", out])
+                                          "--aug-device", "cuda", "--output", out])
     assert result["k"] == 4 and result["step"] == STEPS_PER_EPOCH
+    assert seen == [(16, 3, 32, 32)] * STEPS_PER_EPOCH
     ckpt = load(os.path.join(out, "last.pt"))
     base = dp.build_base(ckpt["base"])
     delta = ckpt["model"]

@@ -22,7 +22,7 @@ from timm.models import register_model  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["layers=[1,1,1,1]", "channels=[8,16,32,64]"]
-FM = ["--dataset", "fashion-mnist", "-j", "0"]
+FM = ["--dataset", "fashion-mnist", "-j", "0", "--device", "cpu"]  # pinned CPU numbers, gloo under torchrun
 
 
 # ----------------------------------------------------------------------------- fixtures and helpers
@@ -220,6 +220,23 @@ def test_fashion_mnist_generated_c(tmp_path, teacher, capsys):
            for n in res["models"]}
     assert res["models"]["resnet18"]["c"]["mce_vs_baseline"] == pytest.approx(
         evaluate.mce(err["resnet18"], err[name], ["gaussian_noise", "contrast"]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_amp_on_cuda_matches_fp32_on_cpu(tmp_path, teacher):
+    """evaluate.py --amp (bf16 on CUDA) scores the same images as fp32 on the CPU: generated corruptions do
+    not depend on the device, and bf16 flips at most a few predictions of 64."""
+    argv = [*FM, "--checkpoint", teacher, "-b", "64", "--test-subset", "64", "--generate-c", "--corruptions",
+            "gaussian_noise,glass_blur", "--severities", "3"]
+    cpu = evaluate.main(argv + ["--output", str(tmp_path / "cpu")])
+    gpu = evaluate.main(argv + ["--device", "cuda", "--amp", "--output", str(tmp_path / "gpu")])
+    assert gpu["device"] != "cpu" and cpu["device"] == "cpu"
+    (name, a), = cpu["models"].items()
+    b = gpu["models"][name]
+    assert b["sets"]["clean"]["total"] == 64
+    assert abs(a["sets"]["clean"]["correct"] - b["sets"]["clean"]["correct"]) <= 3
+    for c in ("gaussian_noise", "glass_blur"):
+        assert abs(a["c"]["counts"][c][3][0] - b["c"]["counts"][c][3][0]) <= 3, c
 
 
 def test_resume_evaluates_only_missing_entries(tmp_path, teacher, monkeypatch):

@@ -59,3 +59,16 @@ def test_family_pools_seeds_and_keeps_heads():
     assert pipeline.family("full-ft-s0@wise0.5:combined") == ("full-ft@wise0.5", "combined")
     assert pipeline.family("teacher") == ("teacher", "")
     assert pipeline.mean_std([1.0, 3.0]) == "2.00 +- 1.41" and pipeline.mean_std([None]) == "-"
+
+
+def test_runs_made_before_a_new_flag_are_reused(tmp_path):
+    """A finished stage whose args.json predates a flag (e.g. --device) is still reused while the flag keeps its
+    default, and rerun when the new flag is set to something else."""
+    argv = ["--dataset", "fashion-mnist", "--output", str(tmp_path)]
+    args = vars(pipeline.train_teacher.get_parser().parse_args(argv))
+    old = {k: v for k, v in args.items() if k not in ("device", "deterministic", "aug_device")}
+    (tmp_path / "args.json").write_text(json.dumps(old))
+    (tmp_path / "log.jsonl").write_text(json.dumps({"final": {}}) + "\n")
+    assert pipeline.finished(str(tmp_path), argv)
+    assert not pipeline.finished(str(tmp_path), argv + ["--deterministic"])
+    assert not pipeline.finished(str(tmp_path), argv + ["--epochs", "3"])

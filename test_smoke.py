@@ -3,6 +3,7 @@
     HF_HUB_OFFLINE=1 python -m pytest -q
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,11 +18,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import data  # noqa: E402
 import train_teacher  # noqa: E402
+from data import UserError  # noqa: E402
 from train_teacher import load_checkpoint, lr_at, pgd_attack  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_CNN = ["--arch", "resnet18", "--model-kwargs", "layers=[1,1,1,1]", "channels=[8,16,32,64]"]
-FMNIST = ["--dataset", "fashion-mnist", "--train-subset", "96", "--val-subset", "32", "-b", "16", "-j", "0"]
+# --device cpu: exact CPU results (and two gloo processes under torchrun), also on a GPU machine
+FMNIST = ["--dataset", "fashion-mnist", "--train-subset", "96", "--val-subset", "32", "-b", "16", "-j", "0",
+          "--device", "cpu"]
 
 
 def run_teacher(tmp_path, name, *extra):
@@ -64,6 +68,21 @@ def test_training_modes_write_loadable_checkpoints(tmp_path, name, extra):
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [r["epoch"] for r in log if "epoch" in r] == list(range(1, result["epochs_done"] + 1))
     assert json.load(open(os.path.join(out, "args.json")))["output"] == out
+
+
+def test_aug_device_makes_the_augmix_views_in_the_training_loop(tmp_path, monkeypatch):
+    """--aug-device cuda (here on the CPU, --device cpu): the loader yields clean crops only and the loop
+    makes the two JSD views of every batch with the batched AugMix on the training device."""
+    seen = []
+    batched = data.augmix_batch
+    monkeypatch.setattr(data, "augmix_batch", lambda x, **kw: (seen.append((x.shape, x.device, kw)), batched(x, **kw))[1])
+    monkeypatch.setattr(data.Views, "__call__", lambda self, img: (
+        pytest.fail("loader made AugMix views") if self.n_aug else data.to_float(self.base(img))))
+    _, result = run_teacher(tmp_path, "gpu_aug", "--aug", "augmix", "--jsd", "12", "--aug-device", "cuda",
+                            "--aug-severity", "2")
+    assert result["step"] == 96 // 16 and math.isfinite(result["val_acc"])
+    assert len(seen) == 2 * result["step"]
+    assert all(s == (16, 3, 32, 32) and d.type == "cpu" and kw["severity"] == 2 for s, d, kw in seen)
 
 
 # ----------------------------------------------------------------------------- losses and augmentation
@@ -162,8 +181,24 @@ def test_ssfd_schedule_shape():
 
 # ----------------------------------------------------------------------------- resume
 
-def test_resume_equals_uninterrupted(tmp_path):
-    args = ["--aug", "augmix", "--epochs", "2", "--opt", "adamw", "--lr", "1e-3"]
+@pytest.fixture
+def restore_determinism():
+    """--deterministic switches process-wide settings; later tests get the defaults back."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+    if saved[4] is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_resume_equals_uninterrupted(tmp_path, restore_determinism, device):
+    """Bit-exact with --deterministic, on CUDA too (without it CUDA atomics and autotuned kernels vary; the CPU
+    needs no flag, as test_distill.py's resume test checks)."""
+    args = ["--aug", "augmix", "--epochs", "2", "--opt", "adamw", "--lr", "1e-3", "--device", device, "--deterministic"]
     straight, r1 = run_teacher(tmp_path, "straight", *args)
     half, _ = run_teacher(tmp_path, "half", *args, "--stop-after", "1")
     assert load_checkpoint(os.path.join(half, "last.pt"))["epoch"] == 1
@@ -172,7 +207,9 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert (a["step"], a["epoch"]) == (b["step"], b["epoch"]) == (12, 2)
     assert r1["lr"] == r2["lr"]
     for k in a["model"]:
-        assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6), k
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and torch.backends.cudnn.deterministic
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -235,12 +272,36 @@ def test_cli_error_has_no_traceback():
     assert "Traceback" not in p.stderr
 
 
+# ----------------------------------------------------------------------------- devices
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch, capsys):
+    with pytest.raises(UserError, match=r"2 processes .* 1 GPU\(s\); use --nproc_per_node=1 or fewer"):
+        train_teacher.check_gpu_count(2, 1)
+    train_teacher.check_gpu_count(2, 2)
+    train_teacher.check_gpu_count(1, 8)
+    # torchrun --nproc_per_node=2 on a one-GPU node: every rank stops before any CUDA call (faked here)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("CUDA touched before the check"))
+    for rank in ("0", "1"):
+        for k, v in dict(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", RANK=rank, LOCAL_RANK=rank).items():
+            monkeypatch.setenv(k, v)
+        err = one_line_error(capsys, train_teacher.main, FMNIST + TINY_CNN + ["--device", "auto"])
+        assert "--nproc_per_node=1" in err and "--device cpu" in err
+
+
+def test_device_cuda_without_a_gpu_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = one_line_error(capsys, train_teacher.main, FMNIST + TINY_CNN + ["--device", "cuda"])
+    assert "--device cuda" in err and "--device cpu" in err
+
+
 # ----------------------------------------------------------------------------- many processes
 
 def test_torchrun_two_processes(tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",  # a free port
            "train_teacher.py", *FMNIST, *TINY_CNN, "--epochs", "2", "--output", str(out)]
     p = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]

@@ -34,9 +34,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import (UserError, Views, add_aug_args, add_data_args, augmix, build_datasets, class_names, image_transforms,
-                  native_size,
-                  make_loader, set_loader_epoch, skipped_images)
+from data import (UserError, Views, add_aug_args, add_data_args, augmix_views, build_datasets, class_names,
+                  device_views, image_transforms, make_loader, native_size, set_loader_epoch, skipped_images)
 
 SCHEMA = "robustify/1"
 
@@ -81,6 +80,14 @@ def add_train_args(parser, lr=0.1, opt="sgd", epochs=10, opts=("sgd", "adamw")):
     parser.add_argument("--output", default="runs/teacher", help="folder for args.json, log.jsonl, checkpoints")
     parser.add_argument("--resume", default=None, help="checkpoint (last.pt) to continue from, exactly")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
+    add_device_arg(parser)
+    parser.add_argument("--deterministic", action="store_true", help="deterministic algorithms (and cuBLAS "
+                        "workspace, cuDNN settings): exact --resume on CUDA, at some speed")
+
+
+def add_device_arg(parser):
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                        help="where to run (auto: CUDA when available)")
 
 
 def get_parser():
@@ -105,12 +112,36 @@ def get_parser():
 
 # ----------------------------------------------------------------------------- runtime
 
-def setup_distributed():
+def check_gpu_count(local_world, gpus):
+    """torchrun with more processes on this node than it has GPUs: one sentence naming the fix, raised
+    by every rank before any CUDA call (instead of 'invalid device ordinal' on some ranks and a hang)."""
+    if local_world > gpus:
+        raise UserError(f"torchrun started {local_world} processes on this node, which has {gpus} GPU(s); "
+                        f"use --nproc_per_node={gpus} or fewer, or --device cpu")
+
+
+def set_deterministic():
+    """Deterministic algorithms, so a resumed CUDA run ends with the uninterrupted run's weights.
+    cuBLAS reads its workspace setting when it starts, so this runs before any CUDA work. Ops with no
+    deterministic kernel warn instead of stopping the run."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def setup_distributed(device="auto", deterministic=False):
     """(rank, world, device). torchrun sets RANK/WORLD_SIZE; plain python runs as rank 0 of 1.
-    gloo on CPU, nccl on CUDA. Safe to call twice (a driver may run several mains in one process)."""
+    device 'auto' takes CUDA when available; 'cpu' keeps everything on the CPU even there. gloo on
+    CPU, nccl on CUDA. Safe to call twice (a driver may run several mains in one process)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
+    if deterministic:
+        set_deterministic()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: torch sees no CUDA GPU here; use --device cpu (or auto)")
+    if device != "cpu" and torch.cuda.is_available():
+        check_gpu_count(int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count())
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     else:
@@ -353,9 +384,18 @@ def build_optimizer(params, opt, lr, weight_decay, momentum=0.9, device=None):
     return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
 
+def module_device(module):
+    """The device a module's parameters (or buffers) live on: helpers send their inputs there."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 @torch.no_grad()
-def evaluate(model, loader, device, autocast=contextlib.nullcontext):
-    """Top-1 accuracy (%) over the loader; every rank scores its own unpadded shard, sums are reduced."""
+def evaluate(model, loader, device=None, autocast=contextlib.nullcontext):
+    """Top-1 accuracy (%) over the loader; every rank scores its own unpadded shard, sums are reduced.
+    Inputs go to `device`, by default the model's."""
+    device = device or module_device(model)
     model.eval()
     correct = total = 0
     for batch in loader:
@@ -432,7 +472,7 @@ def run_main(fn, argv, parser):
 
 def train(args):
     check_args(args)
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(args.device, args.deterministic)
     log = RunLog(args.output, rank, args)
     torch.manual_seed(args.seed)
 
@@ -454,8 +494,9 @@ def train(args):
 
     n_aug = 2 if args.jsd else (1 if args.aug == "augmix" else 0)
     train_tf, eval_tf = image_transforms(args.dataset, cfg)
-    aug = augmix(args.aug_severity, args.aug_width, args.aug_depth, all_ops=args.aug_all_ops)
-    train_set, val_set = build_datasets(args.dataset, args.data_dir, Views(train_tf, aug, n_aug), Views(eval_tf),
+    train_views, batch_aug = augmix_views(train_tf, n_aug, args.aug_device, args.aug_severity, args.aug_width,
+                                    args.aug_depth, args.aug_all_ops)
+    train_set, val_set = build_datasets(args.dataset, args.data_dir, train_views, Views(eval_tf),
                                         args.train_subset, args.val_subset)
     train_loader = make_loader(train_set, args.batch_size, args.workers, True, rank, world, args.seed)
     val_loader = make_loader(val_set, args.batch_size, args.workers, False, rank, world)
@@ -496,21 +537,20 @@ def train(args):
             if batch is None:
                 continue
             views, y = batch
-            views = views if isinstance(views, (list, tuple)) else [views]
-            x = torch.cat(views).to(device, non_blocking=True)
+            x = device_views(views, device, batch_aug, n_aug)   # --aug-device cuda: AugMix views made here
             y = y.to(device, non_blocking=True)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             if args.adv == "pgd":
                 net.eval()  # attack with frozen BN statistics, on the bare module, in fp32
-                x = pgd_attack(net, x, y.repeat(len(views)), args.adv_eps, args.adv_step, args.adv_steps,
+                x = pgd_attack(net, x, y.repeat(1 + n_aug), args.adv_eps, args.adv_step, args.adv_steps,
                                args.adv_norm, args.random_start)
                 net.train()
             lr = lr_at(step, total, args.lr, args.sched, warmup, args.ssfd_peak)
             set_lr(opt, lr)
             with autocast():
                 logits = ddp(x)
-            loss = criterion(logits.float(), y if args.jsd else y.repeat(len(views)))
+            loss = criterion(logits.float(), y if args.jsd else y.repeat(1 + n_aug))
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
