@@ -480,7 +480,7 @@ def make_tasks(args, shifts, corruptions, severities, classes, eval_tf):
     return tasks + ([Task("pgd", clean, source=clean_src)] if args.attack == "pgd" else [])
 
 
-def augmix_views(x, severity, seed):
+def augmix_shift(x, severity, seed):
     """One AugMix view (data.augmix, its default op set) of each image of a float batch in [0, 1], seeded."""
     aug, state = augmix(severity), torch.get_rng_state()
     torch.manual_seed(seed)   # torchvision's AugMix draws from the global generator
@@ -502,7 +502,7 @@ def score(cols, loader, task, device, autocast, seed, frost_dir, attack, rank, w
         block = rank + i * world
         x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         if task.set == "augmix":
-            x = augmix_views(x, task.severity, corruption_seed(seed, task.corruption, task.severity, block))
+            x = augmix_shift(x, task.severity, corruption_seed(seed, task.corruption, task.severity, block))
         elif task.generated:
             x = corrupt(x, task.corruption, task.severity, corruption_seed(seed, task.corruption, task.severity, block),
                         frost_dir)

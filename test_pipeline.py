@@ -28,7 +28,7 @@ def test_pipeline_end_to_end(tmp_path, capsys):
         m = models[name]
         assert f"| {name} | 1 | {m['sets']['clean']['top1']:.2f} | {m['c']['mean_acc']:.2f} |" in summary
     c = [models[f"method-s{s}"]["c"]["mean_acc"] for s in (0, 1)]
-    assert f"| method | 2 | " in summary and f"{np.mean(c):.2f} +- {np.std(c, ddof=1):.2f}" in summary
+    assert "| method | 2 | " in summary and f"{np.mean(c):.2f} +- {np.std(c, ddof=1):.2f}" in summary
     assert "How the auto head routes" in summary and "| method | " in summary.split("How the auto head routes")[1]
     method = out["records"]["method-s0"]
     assert method["trainable_params"] < out["records"]["teacher"]["trainable_params"] * 10
