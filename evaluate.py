@@ -97,7 +97,8 @@ def get_parser():
     p.add_argument("--name", action="extend", nargs="+", default=[], help="labels: checkpoints first, then models")
     p.add_argument("--head", default="auto", choices=["auto", "clean", "robust", "combined", "all"],
                    help="delta checkpoints: the head to score ('all': one column per head plus auto)")
-    p.add_argument("--mc-samples", type=int, default=1, help="delta checkpoints: MC-dropout passes of the branch")
+    p.add_argument("--mc-samples", type=int, default=None, help="delta checkpoints: MC-dropout passes of the branch "
+                   "(default: those its tau was calibrated with)")
     p.add_argument("--wise-alpha", default=None, help="delta checkpoints: WiSE-FT alphas, e.g. 0,0.25,0.5,0.75,1")
     p.add_argument("--shifts", default="clean,c", help=f"sets to score, from {','.join(SHIFTS)}")
     p.add_argument("--generate-c", action="store_true", help="corrupt the clean set on the fly with data.corrupt")
@@ -240,7 +241,7 @@ def check_args(args):
         raise UserError(f"--probe-data: {args.probe_data} needs train/ and val/ ImageFolder trees")
     if args.frost_dir and not os.path.isdir(args.frost_dir):
         raise UserError(f"--frost-dir: folder {args.frost_dir} does not exist")
-    if args.mc_samples < 1 or args.batch_size < 1:
+    if (args.mc_samples is not None and args.mc_samples < 1) or args.batch_size < 1:
         raise UserError("--mc-samples and -b/--batch-size must be at least 1")
     if args.pretrained and args.pretrained_file:
         raise UserError("--pretrained and --pretrained-file both given; keep one")
@@ -356,7 +357,8 @@ def student_columns(path, name, args, alphas, text, n_classes, space, device):
     student = student.to(device).eval().requires_grad_(False)
     size, heads = ckpt["data_config"]["input_size"][-2:], ["clean", "robust", "combined", "auto"]
     heads = heads if args.head == "all" else [args.head]
-    ident = {"name": name, "file": file_ident(path), "base": file_ident(args.base_file), "mc_samples": args.mc_samples}
+    mc = args.mc_samples or ckpt.get("args", {}).get("mc_samples", 1)
+    ident = {"name": name, "file": file_ident(path), "base": file_ident(args.base_file), "mc_samples": mc}
     zs = dict(ident, zeroshot=file_ident(args.zeroshot_head))
     cols = [] if text is None else [zeroshot_column(  # the frozen path: the same for every alpha
         f"{name}:zeroshot", [functools.partial(student.features, head="clean"), lambda x: student(x)[0]], text, size,
@@ -364,7 +366,7 @@ def student_columns(path, name, args, alphas, text, n_classes, space, device):
     for alpha in alphas or [None]:
         s = student if alpha is None else wise_ft(student, alpha)
         vname = name if alpha is None else f"{name}@wise{alpha:g}"
-        heads_of = last_batch(functools.partial(s, mc_samples=args.mc_samples))   # one forward for all heads
+        heads_of = last_batch(functools.partial(s, mc_samples=mc))   # one forward for all heads
 
         def route(x, s=s, heads_of=heads_of):
             out = heads_of(x)
@@ -374,7 +376,7 @@ def student_columns(path, name, args, alphas, text, n_classes, space, device):
                                lambda x, s=s, h=h, heads_of=heads_of: answer(*heads_of(x), h, s.tau),
                                functools.partial(s.features, head="robust" if h == "auto" else h),
                                dict(ident, head=h, alpha=alpha), name,
-                               dict(kind="delta", head=h, alpha=alpha, tau=s.tau, mc_samples=args.mc_samples),
+                               dict(kind="delta", head=h, alpha=alpha, tau=s.tau, mc_samples=mc),
                                functools.partial(predict, s, head=h, grad=True), route if h == "auto" else None))
         if text is not None:
             cols.append(zeroshot_column(f"{vname}:zeroshot-branch", [functools.partial(s.features, head="robust"),

@@ -44,9 +44,11 @@ def get_parser():
     p.add_argument("--student-epochs", type=int, default=4, help="epochs of the student's (clean) pre-training")
     p.add_argument("--teacher-epochs", type=int, default=2, help="epochs of the robust teacher's training")
     p.add_argument("--distill-epochs", type=int, default=1, help="epochs of the method and of the partial baselines")
-    p.add_argument("--full-ft-epochs", type=int, default=1, help="epochs of complete AugMix fine-tuning")
+    p.add_argument("--full-ft-epochs", type=int, default=3, help="epochs of complete AugMix fine-tuning")
+    p.add_argument("--wise", action="store_true", help="with --compare: the WiSE-FT sweep of complete fine-tuning")
     p.add_argument("--tune-last", default="1", help="K: blocks of the student to tune")
-    p.add_argument("--aug-severity", type=int, default=3, help="AugMix severity of the distillation stages' views")
+    p.add_argument("--aug-severity", type=int, default=6, help="AugMix severity of the distillation stages' views "
+                   "(6: the views the frozen student gets wrong and the teacher right; see README)")
     p.add_argument("--calib-size", type=int, default=1000, help="held-out clean images that calibrate tau")
     p.add_argument("-b", "--batch-size", type=int, default=128, help="batch size of every stage")
     p.add_argument("-j", "--workers", type=int, default=2, help="data loading processes")
@@ -60,12 +62,13 @@ def get_parser():
 # validation split and the 4 extra corruptions only, so choosing among them never looks at the test set.
 ABLATIONS = {
     "no teacher": ["--teacher", "none"],
-    "KD target: teacher only": ["--kd-target", "teacher"],
-    "K = 2": ["--tune-last", "2"],
+    "KD target = teacher only": ["--kd-target", "teacher"],
+    "K = 3": ["--tune-last", "3"],
     "first block (--tune-first 1)": ["--tune-first", "1"],
     "AugMix severity 3": ["--aug-severity", "3"],
     "AugMix severity 10": ["--aug-severity", "10"],
     "3 epochs": ["--epochs", "3"],
+    "lr 3e-3": ["--lr", "3e-3"],
     "tau quantile 0.9": ["--tau-quantile", "0.9"],
     "MC dropout (8 passes)": ["--mc-samples", "8"],
 }
@@ -138,7 +141,7 @@ def stages(args):
     paths = [ckpt("student"), ckpt("teacher")] + [ckpt(n) for n in names[2:]]
     run.append(("eval", evaluate, test + ["--checkpoint", *paths, "--name", *names, "--head",
                                           "all" if args.compare else "auto"] + out(f"eval{suffix(args)}")))
-    if args.compare:   # WiSE-FT of complete fine-tuning (Wortsman et al.), swept without retraining
+    if args.compare and args.wise:   # WiSE-FT of complete fine-tuning (Wortsman et al.), no retraining
         full = f"full-ft{tag(seeds[0])}"
         wise = [a if a != "original" else f"{full}@wise0" for a in test]   # alpha 0 is the original model
         run.append(("wise", evaluate, wise + ["--checkpoint", ckpt(full), "--name", full, "--head", "combined",
@@ -150,7 +153,8 @@ def stages(args):
             folder = "ablate/" + "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
             run.append((name, distill_partial, with_flags(method, flags) + out(folder)))
             variants[name] = folder
-        val = evaluation + ["--split", "val", "--test-subset", str(args.test_subset), "--corruptions", "extra"]
+        val = evaluation + ["--split", "val", "--test-subset", str(args.test_subset), "--corruptions", "extra",
+                            "--shifts", "clean,c,augmix", "--augmix-severity", str(args.aug_severity)]
         run.append(("ablation", evaluate, val + ["--checkpoint", *[ckpt(f) for f in variants.values()], "--name",
                                                  *variants, "--head", "all", "--baseline", "method:clean"] +
                     out("ablate/eval")))
