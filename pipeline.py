@@ -46,6 +46,7 @@ def get_parser():
     p.add_argument("--distill-epochs", type=int, default=1, help="epochs of the method and of the partial baselines")
     p.add_argument("--full-ft-epochs", type=int, default=3, help="epochs of complete AugMix fine-tuning")
     p.add_argument("--wise", action="store_true", help="with --compare: the WiSE-FT sweep of complete fine-tuning")
+    p.add_argument("--baselines", default="no-teacher,full-ft,ftp", help="with --compare: which baselines to train")
     p.add_argument("--tune-last", default="1", help="K: blocks of the student to tune")
     p.add_argument("--aug-severity", type=int, default=6, help="AugMix severity of the distillation stages' views "
                    "(6: the views the frozen student gets wrong and the teacher right; see README)")
@@ -129,19 +130,21 @@ def stages(args):
         run.append((f"method{tag(s)}", distill_partial, d + k + teacher + out(f"method{tag(s)}")))
         names.append(f"method{tag(s)}")
         if args.compare:
-            run += [(f"no-teacher{tag(s)}", distill_partial, d + k + ["--teacher", "none"] + out(f"no-teacher{tag(s)}")),
-                    (f"full-ft{tag(s)}", distill_partial, with_flags(d, ["--epochs", str(args.full_ft_epochs)]) +
-                     ["--tune-last", "all", "--teacher", "none"] + out(f"full-ft{tag(s)}")),
-                    (f"ftp{tag(s)}", distill_partial, d + k + teacher + ["--opt", "ftp", "--weight-decay", "0"] +
-                     out(f"ftp{tag(s)}"))]
-            names += [f"no-teacher{tag(s)}", f"full-ft{tag(s)}", f"ftp{tag(s)}"]
+            baselines = {
+                "no-teacher": d + k + ["--teacher", "none"],
+                "full-ft": with_flags(d, ["--epochs", str(args.full_ft_epochs)]) + ["--tune-last", "all", "--teacher",
+                                                                                     "none"],
+                "ftp": d + k + teacher + ["--opt", "ftp", "--weight-decay", "0"]}
+            for b in args.baselines.split(","):
+                run.append((f"{b}{tag(s)}", distill_partial, baselines[b] + out(f"{b}{tag(s)}")))
+                names.append(f"{b}{tag(s)}")
     evaluation = ["--dataset", "fashion-mnist", "--generate-c", "-b", "250", "-j", "0", "--seed", str(args.seed)] + \
         (["--data-dir", args.data_dir] if args.data_dir else [])
     test = evaluation + ["--test-subset", str(args.test_subset), "--corruptions", "all", "--baseline", "original"]
     paths = [ckpt("student"), ckpt("teacher")] + [ckpt(n) for n in names[2:]]
     run.append(("eval", evaluate, test + ["--checkpoint", *paths, "--name", *names, "--head",
                                           "all" if args.compare else "auto"] + out(f"eval{suffix(args)}")))
-    if args.compare and args.wise:   # WiSE-FT of complete fine-tuning (Wortsman et al.), no retraining
+    if args.compare and args.wise and "full-ft" in args.baselines.split(","):   # WiSE-FT of complete fine-tuning (Wortsman et al.), no retraining
         full = f"full-ft{tag(seeds[0])}"
         wise = [a if a != "original" else f"{full}@wise0" for a in test]   # alpha 0 is the original model
         run.append(("wise", evaluate, wise + ["--checkpoint", ckpt(full), "--name", full, "--head", "combined",
@@ -281,7 +284,11 @@ def ablation_table(results, records):
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    unknown = set(args.baselines.split(",")) - {"no-teacher", "full-ft", "ftp"}
+    if unknown:
+        parser.error(f"--baselines: unknown {', '.join(sorted(unknown))}; choose from no-teacher, full-ft, ftp")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # everything here is local
     t0 = time.time()
     evals, folders = {}, {}
