@@ -54,11 +54,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import (CORRUPTIONS, EXTRA_CORRUPTIONS, ImageFolderSafe, UserError, Views, add_data_args, check_image_folder,
-                  class_names, corrupt, fashion_mnist, image_transforms, make_loader, native_size, shift_labels, subset,
+from data import (CORRUPTIONS, EXTRA_CORRUPTIONS, ImageFolderSafe, UserError, Views, add_data_args, check_data_args,
+                  check_image_folder, class_names, corrupt, fashion_mnist, image_transforms, make_loader, native_size, shift_labels, subset,
                   timm_info, to_float)
-from train_teacher import (Normalized, all_sum, amp_setup, create_model, fraction, load_checkpoint, load_model,
-                           model_data_config, parse_kwargs, pgd_attack, progress, run_main, setup_distributed)
+from train_teacher import (Normalized, all_sum, amp_setup, check_writable, create_model, fraction, load_checkpoint,
+                           load_model, model_data_config, parse_kwargs, pgd_attack, progress, run_main,
+                           setup_distributed)
 
 SHIFTS = ("clean", "c", "r", "sketch", "a", "v2")
 SHIFT_DIRS = {"c": "imagenet-c", "r": "imagenet-r", "sketch": "imagenet-sketch", "a": "imagenet-a", "v2": "imagenetv2"}
@@ -179,6 +180,9 @@ def split_list(text, flag, cast=str):
 
 def check_args(args):
     """Mistakes a user can make, caught before any model or image is loaded. Returns the parsed lists."""
+    check_data_args(args)
+    check_writable(args.output)
+    parse_kwargs(args.model_kwargs)
     shifts = split_list(args.shifts, "--shifts")
     bad = [s for s in shifts if s not in SHIFTS] or ([""] if not shifts else [])
     if bad:
@@ -229,8 +233,8 @@ def check_args(args):
         raise UserError(f"--probe-data: {args.probe_data} needs train/ and val/ ImageFolder trees")
     if args.frost_dir and not os.path.isdir(args.frost_dir):
         raise UserError(f"--frost-dir: folder {args.frost_dir} does not exist")
-    if args.mc_samples < 1 or args.batch_size < 1:
-        raise UserError("--mc-samples and -b/--batch-size must be at least 1")
+    if args.mc_samples < 1:
+        raise UserError(f"--mc-samples {args.mc_samples}: give at least 1 pass")
     if args.pretrained and args.pretrained_file:
         raise UserError("--pretrained and --pretrained-file both given; keep one")
     return shifts, corruptions, severities, alphas
@@ -383,7 +387,7 @@ def load_columns(args, alphas, n_classes, space, device):
         elif kind == "timm":
             kwargs, n = parse_kwargs(args.model_kwargs), n_classes if args.num_classes is None else args.num_classes
             model = create_model(src, n, args.pretrained, args.pretrained_file, kwargs)
-            cfg = model_data_config(model, native_size(args.dataset))
+            cfg = model_data_config(model, args.img_size or native_size(args.dataset))
             net = Normalized(model, cfg)
             ident = dict(name=name, arch=src, pretrained=args.pretrained, kwargs=kwargs, classes=n, seed=args.seed,
                          file=file_ident(args.pretrained_file))
@@ -532,6 +536,9 @@ def evaluate_tasks(tasks, cols, args, cfg, device, rank, world):
             loader = make_loader(task.dataset(), args.batch_size, args.workers, False, rank, world)
             got = score([task_cols[i] for i in todo], loader, task, device, fp32 if task.set == "pgd" else autocast,
                         args.seed, args.frost_dir, attack, rank, world)
+            if got[-1] == 0:
+                raise UserError(f"no readable image in {task.source or task.set}: every one was skipped; replace "
+                                f"the broken files")
             return [(int(k), int(got[-1])) for k in got[:-1]]
 
         hits = cached(os.path.join(args.output, "cache"), [dict(c.ident, task=key) for c in task_cols], compute,

@@ -6,7 +6,9 @@
 
 Each stage is one call of a script's main(); its command line is printed so any stage can be rerun or
 changed by hand. A stage whose --output already holds a finished run with the same arguments is reused
-(so --compare after the quick run only trains the baselines), and evaluation resumes from its cache.
+(so --compare after the quick run only trains the baselines), an interrupted one is resumed, and
+evaluation resumes from its cache. A stage folder holding a run with other arguments is refused
+unless --overwrite.
 Writes runs/fmnist/{student,teacher,method,...}/, runs/fmnist/eval/ and runs/fmnist/summary.md.
 """
 import argparse
@@ -21,8 +23,8 @@ import train_teacher
 
 # The "large pre-trained" student and the small teacher, sized for a 2-core CPU: a 2.7M-parameter ViT
 # (6 blocks, 16 patches of 8x8 px) and a 0.33M-parameter ResNet-10 (8x fewer parameters).
-STUDENT = ["--arch", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32", "patch_size=8", "embed_dim=192",
-           "depth=6", "num_heads=3", "global_pool=avg", "class_token=False"]
+STUDENT = ["--arch", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=8", "embed_dim=192",
+           "depth=6", "num_heads=3", "global_pool=avg", "class_token=False"]   # + img_size=--img-size
 TEACHER = ["--arch", "resnet18", "--model-kwargs", "layers=[1,1,1,1]", "channels=[16,32,64,128]"]
 
 
@@ -42,6 +44,9 @@ def get_parser():
     p.add_argument("-b", "--batch-size", type=int, default=128, help="batch size of every stage")
     p.add_argument("-j", "--workers", type=int, default=2, help="data loading processes")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    p.add_argument("--img-size", type=int, default=32, help="input size of every model (the 32-px images are "
+                   "resized to it)")
+    p.add_argument("--overwrite", action="store_true", help="replace stage folders that hold runs with other arguments")
     return p
 
 
@@ -49,15 +54,17 @@ def stages(args):
     """(name, script module, argv) in order; the evaluation comes last."""
     out = lambda name: ["--output", os.path.join(args.output, name)]
     common = ["--dataset", "fashion-mnist", "--train-subset", str(args.train_subset), "-b", str(args.batch_size),
-              "-j", str(args.workers), "--seed", str(args.seed)] + (["--data-dir", args.data_dir] if args.data_dir else [])
+              "-j", str(args.workers), "--seed", str(args.seed), "--img-size", str(args.img_size)] + \
+        (["--data-dir", args.data_dir] if args.data_dir else [])
+    student_arch = STUDENT + [f"img_size={args.img_size}"]
     ckpt = lambda name: os.path.join(args.output, name, "best.pt")
-    run = [("student", train_teacher, common + STUDENT + ["--epochs", str(args.student_epochs), "--warmup-epochs",
+    run = [("student", train_teacher, common + student_arch + ["--epochs", str(args.student_epochs), "--warmup-epochs",
                                                           "0.3", "--opt", "adamw", "--lr", "1e-3", "--weight-decay",
                                                           "0.05", "-b", "64"] + out("student")),
            ("teacher", train_teacher, common + TEACHER + ["--epochs", str(args.teacher_epochs), "--warmup-epochs",
                                                           "0.3", "--aug", "augmix", "--jsd", "12", "--opt", "sgd",
                                                           "--lr", "0.1"] + out("teacher"))]
-    student = ["--student", STUDENT[1], "--model-kwargs", *STUDENT[3:], "--pretrained-file", ckpt("student"),
+    student = ["--student", STUDENT[1], "--model-kwargs", *student_arch[3:], "--pretrained-file", ckpt("student"),
                "--epochs", str(args.distill_epochs), "--calib-size", str(args.calib_size), "--lr", "1e-3"]
     k = ["--tune-last", args.tune_last]
     run.append(("method", distill_partial, common + student + k + ["--teacher", ckpt("teacher")] + out("method")))
@@ -69,7 +76,8 @@ def stages(args):
                 ("ftp", distill_partial, common + student + k + ["--teacher", ckpt("teacher"), "--opt", "ftp",
                                                                  "--weight-decay", "0"] + out("ftp"))]
         names += ["no-teacher", "full-ft", "ftp"]
-    test = ["--dataset", "fashion-mnist", "--test-subset", str(args.test_subset), "--generate-c", "--corruptions",
+    test = ["--dataset", "fashion-mnist", "--img-size", str(args.img_size), "--test-subset", str(args.test_subset),
+            "--generate-c", "--corruptions",
             "all", "-b", "250", "-j", "0", "--seed", str(args.seed), "--baseline", "original"] + \
         (["--data-dir", args.data_dir] if args.data_dir else [])
     paths = [ckpt("student"), ckpt("teacher")] + [ckpt(n) for n in names[2:]]
@@ -82,16 +90,25 @@ def stages(args):
     return run
 
 
+def same_recipe(folder, argv):
+    """The run in folder was started with these arguments, up to those that cannot change its result."""
+    free = train_teacher.RESUME_FREE - {"epochs"}
+    recipe = lambda a: {k: v for k, v in a.items() if k not in free}
+    try:
+        with open(os.path.join(folder, "args.json")) as f:
+            return recipe(json.load(f)) == recipe(vars(stage_args(folder, argv)))
+    except (OSError, ValueError):
+        return False
+
+
 def finished(folder, argv):
-    """A stage is reused when its folder holds a finished run started with exactly these arguments."""
+    """A stage is reused when its folder holds a finished run started with these arguments."""
     try:
         with open(os.path.join(folder, "log.jsonl")) as f:
             done = any("final" in json.loads(line) for line in f)
-        with open(os.path.join(folder, "args.json")) as f:
-            same = json.load(f) == vars(stage_args(folder, argv))
     except (OSError, ValueError):
         return False
-    return done and same
+    return done and same_recipe(folder, argv)
 
 
 def stage_args(folder, argv):
@@ -141,6 +158,12 @@ def main(argv=None):
         if module is not evaluate and finished(folder, stage_argv):
             print(f"(reusing the finished run in {folder})")
             continue
+        last = os.path.join(folder, "last.pt")
+        if module is not evaluate and os.path.isfile(last) and same_recipe(folder, stage_argv):
+            print(f"(resuming the interrupted run in {folder})")
+            stage_argv = stage_argv + ["--resume", last]
+        elif module is not evaluate and args.overwrite:
+            stage_argv = stage_argv + ["--overwrite"]
         result = module.main(stage_argv)
         if module is evaluate:
             evals[name] = result

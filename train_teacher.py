@@ -253,8 +253,8 @@ def lock_holder(output):
     return None
 
 
-def check_output(output, resume, overwrite):
-    """--output mistakes, found before anything is loaded or written."""
+def check_writable(output):
+    """--output is a folder, or can be made one, where this process may write."""
     if os.path.exists(output) and not os.path.isdir(output):
         raise UserError(f"--output: {output} is a file; give a folder (created if missing)")
     parent = os.path.abspath(output)
@@ -264,6 +264,11 @@ def check_output(output, resume, overwrite):
         raise UserError(f"--output: {parent} is a file, so {output} cannot be created; give a folder path")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"--output: cannot write in {parent} (read-only or no permission); pick another folder")
+
+
+def check_output(output, resume, overwrite):
+    """--output mistakes, found before anything is loaded or written."""
+    check_writable(output)
     holder = lock_holder(output)
     if holder:
         raise UserError(f"--output: {output} is in use by a running run (pid {holder}); wait for it to end or "
