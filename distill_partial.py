@@ -609,7 +609,7 @@ def distill(args):
     if len(train_loader) == 0:
         raise UserError(f"-b/--batch-size {args.batch_size} x {world} processes is larger than the "
                         f"{len(train_set)} training images; lower it")
-    log = RunLog(args.output, rank, args, args.overwrite, start["step"] if start else None)
+    log = RunLog(args.output, rank, args, args.overwrite, start["step"] if start else 0)
     if start is not None and rank == 0:
         restore_best(start, args.resume, args.output)
 

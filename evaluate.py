@@ -55,7 +55,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data import (CORRUPTIONS, EXTRA_CORRUPTIONS, ImageFolderSafe, UserError, Views, add_data_args, check_data_args,
-                  check_image_folder, class_names, corrupt, fashion_mnist, image_transforms, make_loader, native_size, shift_labels, subset,
+                  check_image_folder, check_readable, class_names, corrupt, fashion_mnist, image_transforms, make_loader, native_size, shift_labels, subset,
                   timm_info, to_float)
 from train_teacher import (Normalized, all_sum, amp_setup, check_writable, create_model, fraction, load_checkpoint,
                            load_model, model_data_config, parse_kwargs, pgd_attack, progress, run_main,
@@ -440,10 +440,15 @@ def make_tasks(args, shifts, corruptions, severities, classes, eval_tf):
     def clean():
         ds = (fashion_mnist(args.split, args.data_dir, tf) if args.dataset == "fashion-mnist"
               else ImageFolderSafe(clean_dir(args), tf, to_label, "--data-dir"))
+        check_readable(ds, "--data-dir")
         return subset(ds, n, seed)
 
+    def readable(ds):
+        check_readable(ds, "--data-root")
+        return ds
+
     def folder(path, labels, transform=tf):
-        return lambda: subset(ImageFolderSafe(path, transform, labels, "--data-root"), n, seed)
+        return lambda: subset(readable(ImageFolderSafe(path, transform, labels, "--data-root")), n, seed)
 
     clean_src = f"fashion-mnist {args.split}" if args.dataset == "fashion-mnist" else os.path.abspath(clean_dir(args) or "")
     tasks = [Task("clean", clean, source=clean_src)] if "clean" in shifts else []

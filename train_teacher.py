@@ -262,8 +262,12 @@ def check_writable(output):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise UserError(f"--output: {parent} is a file, so {output} cannot be created; give a folder path")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--output: cannot write in {parent} (read-only or no permission); pick another folder")
+    try:   # a real probe: access() misses read-only mounts and pseudo file systems for root
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=parent))
+    except OSError:
+        raise UserError(f"--output: cannot write in {parent} (read-only or no permission); pick another folder") from None
 
 
 def check_output(output, resume, overwrite):
@@ -275,7 +279,7 @@ def check_output(output, resume, overwrite):
                         f"pick another --output")
     if resume and overwrite:
         raise UserError("--resume and --overwrite both given; keep --resume to continue a run, --overwrite to replace it")
-    held = [f for f in RUN_FILES if os.path.exists(os.path.join(output, f))]
+    held = [f for f in ("last.pt", "best.pt") if os.path.exists(os.path.join(output, f))]
     same = resume and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(output)
     if held and not overwrite and not same:
         raise UserError(f"--output: {output} already holds a run ({', '.join(held)}); continue it with --resume "
@@ -307,7 +311,7 @@ class RunLog:
     """Rank 0 locks --output for the run's lifetime, writes args.json and appends metrics to log.jsonl; other
     ranks stay silent. Built once every argument is checked: a failed start leaves --output untouched."""
 
-    def __init__(self, output, rank, args, overwrite=False, resume_step=None):
+    def __init__(self, output, rank, args, overwrite=False, resume_step=0):
         self.output, self.main, self.lock = output, rank == 0, None
         if not self.main:
             return
@@ -338,14 +342,17 @@ class RunLog:
             raise UserError(f"--output: cannot write in {output} ({e.strerror}); pick another folder") from None
 
     def _keep_log_until(self, step):
-        """On --resume, drop the log lines of work the resumed checkpoint does not hold (redone now)."""
+        """Drop the log lines of work the starting point does not hold (a fresh start: all; a --resume: what
+        it redoes now)."""
         path = os.path.join(self.output, "log.jsonl")
         if step is None or not os.path.isfile(path):
             return
         with open(path) as f:
             lines = [line for line in f if line.strip() and json.loads(line).get("step", step + 1) <= step]
-        with open(path, "w") as f:
+        fd, tmp = tempfile.mkstemp(prefix="log.jsonl.", suffix=".tmp", dir=self.output)
+        with os.fdopen(fd, "w") as f:
             f.writelines(lines)
+        os.replace(tmp, path)
 
     def close(self):
         """Release --output's lock (the OS also releases it when the process dies)."""
@@ -719,7 +726,7 @@ def train(args):
     if len(train_loader) == 0:
         raise UserError(f"-b/--batch-size {args.batch_size} x {world} processes is larger than the "
                         f"{len(train_set)} training images; lower it")
-    log = RunLog(args.output, rank, args, args.overwrite, start["step"] if args.resume else None)
+    log = RunLog(args.output, rank, args, args.overwrite, start["step"] if args.resume else 0)
     if args.resume and rank == 0:
         restore_best(start, args.resume, args.output)
 
