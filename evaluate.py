@@ -44,6 +44,7 @@ import inspect
 import json
 import math
 import os
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -514,9 +515,10 @@ def cached(folder, keys, compute, rank, device):
         hits[i] = hit
         if rank == 0:
             os.makedirs(folder, exist_ok=True)
-            with open(paths[i] + ".tmp", "w") as f:
+            fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=folder)   # unique: two runs may share a cache
+            with os.fdopen(fd, "w") as f:
                 json.dump({"key": keys[i], "correct": hit[0], "total": hit[1]}, f)
-            os.replace(paths[i] + ".tmp", paths[i])
+            os.replace(tmp, paths[i])
     return hits
 
 

@@ -236,7 +236,9 @@ def load_checkpoint(path, flag="--resume"):
 
 RUN_FILES = ("last.pt", "best.pt", "log.jsonl")
 # Flags a --resume may change: they cannot change the result (a longer --epochs is checked apart).
-RESUME_FREE = {"workers", "output", "resume", "overwrite", "stop_after", "save_every", "data_dir", "epochs"}
+# The starting weights are in the resumed checkpoint already (distill_partial.py checks the base's fingerprint).
+RESUME_FREE = {"workers", "output", "resume", "overwrite", "stop_after", "save_every", "data_dir", "epochs",
+               "pretrained_file", "init_checkpoint"}
 
 
 def lock_holder(output):
