@@ -44,7 +44,6 @@ import inspect
 import json
 import math
 import os
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -56,11 +55,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data import (CORRUPTIONS, EXTRA_CORRUPTIONS, ImageFolderSafe, UserError, Views, add_data_args, check_data_args,
-                  check_image_folder, check_readable, class_names, corrupt, fashion_mnist, image_transforms, make_loader, native_size, shift_labels, subset,
-                  timm_info, to_float)
+                  check_image_folder, check_readable, class_names, corrupt, fashion_mnist, image_transforms,
+                  make_loader, native_size, shift_labels, subset, timm_info, to_float)
 from train_teacher import (Normalized, all_sum, amp_setup, check_writable, create_model, fraction, load_checkpoint,
                            load_model, model_data_config, parse_kwargs, pgd_attack, progress, run_main,
-                           setup_distributed)
+                           setup_distributed, temp_name)
 
 SHIFTS = ("clean", "c", "r", "sketch", "a", "v2")
 SHIFT_DIRS = {"c": "imagenet-c", "r": "imagenet-r", "sketch": "imagenet-sketch", "a": "imagenet-a", "v2": "imagenetv2"}
@@ -515,8 +514,8 @@ def cached(folder, keys, compute, rank, device):
         hits[i] = hit
         if rank == 0:
             os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=folder)   # unique: two runs may share a cache
-            with os.fdopen(fd, "w") as f:
+            tmp = temp_name(paths[i])   # unique: two runs may share a cache
+            with open(tmp, "x") as f:
                 json.dump({"key": keys[i], "correct": hit[0], "total": hit[1]}, f)
             os.replace(tmp, paths[i])
     return hits

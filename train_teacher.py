@@ -27,6 +27,7 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 from functools import partial
 
 import torch
@@ -154,12 +155,16 @@ def amp_setup(device, amp, amp_dtype):
     return autocast, scaler
 
 
+def temp_name(path):
+    """A temporary name next to path, unique to this process and call: two writers never share one."""
+    return f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+
+
 def save_checkpoint(obj, path):
-    """Atomic write under a unique temporary name: a crash mid-save never leaves a broken last.pt behind,
-    and two writers never share a temporary file."""
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
+    """Atomic write under a unique temporary name: a crash mid-save never leaves a broken last.pt behind."""
+    tmp = temp_name(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             torch.save(obj, f)
         os.replace(tmp, path)
     except BaseException:
@@ -335,8 +340,8 @@ class RunLog:
                 if os.path.exists(os.path.join(output, name)):
                     os.remove(os.path.join(output, name))
             self._keep_log_until(resume_step)
-            fd, tmp = tempfile.mkstemp(prefix="args.json.", suffix=".tmp", dir=output)
-            with os.fdopen(fd, "w") as f:
+            tmp = temp_name(os.path.join(output, "args.json"))
+            with open(tmp, "x") as f:
                 json.dump(vars(args), f, indent=2)
             os.replace(tmp, os.path.join(output, "args.json"))
         except OSError as e:
@@ -351,8 +356,8 @@ class RunLog:
             return
         with open(path) as f:
             lines = [line for line in f if line.strip() and json.loads(line).get("step", step + 1) <= step]
-        fd, tmp = tempfile.mkstemp(prefix="log.jsonl.", suffix=".tmp", dir=self.output)
-        with os.fdopen(fd, "w") as f:
+        tmp = temp_name(path)
+        with open(tmp, "x") as f:
             f.writelines(lines)
         os.replace(tmp, path)
 
