@@ -309,3 +309,16 @@ def test_vit_at_32_px_on_a_32_px_image_folder_end_to_end(tmp_path):
     with torch.no_grad():
         hits = sum(int(net(x[None]).argmax(1).item() == y) for x, y in (ds[i] for i in range(len(ds))))
     assert res["models"]["vit/best"]["sets"]["clean"]["correct"] == hits
+
+
+def test_pretrained_file_loads_every_key_but_a_resized_classifier(tmp_path):
+    from safetensors.torch import save_file
+    kw = dict(layers=[1, 1, 1, 1], channels=[8, 16, 32, 64])
+    torch.manual_seed(1)
+    source = train_teacher.create_model("resnet18", 10, model_kwargs=kw)
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    torch.manual_seed(2)
+    model = train_teacher.create_model("resnet18", 3, pretrained_file=str(tmp_path / "w.safetensors"), model_kwargs=kw)
+    want, got = source.state_dict(), model.state_dict()
+    assert got["fc.weight"].shape == (3, 64)   # the new head keeps its fresh initialisation
+    assert all(torch.equal(want[k], got[k]) for k in got if not k.startswith("fc.")) and len(got) == len(want)
