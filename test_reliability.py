@@ -8,11 +8,13 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 
 import pytest
 import torch
 from torchvision.io import write_png
+from tqdm import tqdm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -193,6 +195,8 @@ def child_run(argv, slow_saves):
     code = 1
     try:
         torch.set_num_threads(1)
+        tqdm.set_lock(threading.RLock())   # not the parent's inter-process lock: a kill may leave it held
+        tqdm.monitor_interval = 0
         sys.stdout = sys.stderr = open(os.devnull, "w")
         if slow_saves:
             save = torch.save
