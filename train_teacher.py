@@ -11,8 +11,9 @@ Three recipes, alone or together:
     python train_teacher.py --dataset fashion-mnist --arch resnet18 --model-kwargs "layers=[1,1,1,1]" \
         --aug augmix --jsd 12 --epochs 3 --output runs/teacher       # CPU, minutes
 
-Writes --output/{args.json, log.jsonl, last.pt, best.pt}; checkpoints hold plain tensors and
-types (torch.load(..., weights_only=True)). The helpers here (model creation, the normalising
+Writes --output/{args.json, log.jsonl, last.pt, best.pt} once every flag is checked, holding a lock on
+--output while it runs; a folder that holds a run needs --resume or --overwrite. Checkpoints hold plain
+tensors and types (torch.load(..., weights_only=True)); --save-every N adds mid-epoch ones. The helpers here (model creation, the normalising
 wrapper, PGD, learning-rate schedules, checkpoints, distributed set-up, evaluation) are shared by
 distill_partial.py and evaluate.py.
 """
