@@ -44,7 +44,23 @@ def add_data_args(parser):
     parser.add_argument("--val-subset", type=int, default=0, help="use only N validation images (0 = all)")
     parser.add_argument("-b", "--batch-size", type=int, default=128, help="images per batch and process")
     parser.add_argument("-j", "--workers", type=int, default=2, help="data loading processes per process")
+    parser.add_argument("--img-size", type=int, default=None, help="model input size in pixels (ImageFolder images "
+                        "are resized and cropped to it; default: the model's own, 32 for fashion-mnist)")
     return parser
+
+
+def check_data_args(args):
+    """The shared data flags' mistakes, caught before anything is loaded or written."""
+    if args.batch_size < 1:
+        raise UserError(f"-b/--batch-size {args.batch_size}: give at least 1 image per batch")
+    if args.workers < 0:
+        raise UserError(f"-j/--workers {args.workers}: give 0 (load in the main process) or more loader processes")
+    for flag in ("train_subset", "val_subset", "test_subset"):
+        n = getattr(args, flag, 0)
+        if n < 0:
+            raise UserError(f"--{flag.replace('_', '-')} {n}: give a number of images >= 0 (0 = all)")
+    if args.img_size is not None and args.img_size < 1:
+        raise UserError(f"--img-size {args.img_size}: give the input size in pixels, e.g. 224 (or leave it out)")
 
 
 def add_aug_args(parser):
@@ -57,6 +73,14 @@ def add_aug_args(parser):
     parser.add_argument("--aug-device", default="cpu", choices=["cpu", "cuda"], help="cpu: AugMix in the loader "
                         "workers; cuda: batched AugMix in the training loop on the training device (--device)")
     return parser
+
+
+def check_aug_args(args):
+    if not 1 <= args.aug_severity <= 10:
+        raise UserError(f"--aug-severity {args.aug_severity}: AugMix severities run from 1 to 10 (3 is the paper's)")
+    if args.aug_width < 1 or args.aug_depth == 0 or args.aug_depth < -1:
+        raise UserError(f"--aug-width {args.aug_width} / --aug-depth {args.aug_depth}: give a width >= 1 and a depth "
+                        f">= 1, or -1 for a random depth of 1-3")
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -198,9 +222,23 @@ class ImageFolderSafe(tv_datasets.DatasetFolder):
         return (self.transform(img) if self.transform else to_float(img)), target
 
 
+def check_readable(dataset, flag="--data-dir"):
+    """At least one image of an ImageFolder decodes (else a run would report 0% on nothing). Stops at the
+    first readable file, so a healthy folder costs one decode."""
+    for path, _ in getattr(dataset, "samples", []):
+        try:
+            read_rgb(path)
+            return
+        except Exception:
+            continue
+    if hasattr(dataset, "samples"):
+        raise UserError(f"{flag}: none of the {len(dataset.samples)} images in {dataset.root} can be read; "
+                        f"replace the broken files")
+
+
 def skipped_images(dataset):
     """How many unreadable images a dataset (or a Subset of one) has skipped so far."""
-    while isinstance(dataset, Subset):
+    while isinstance(dataset, (Subset, SeededSamples)):
         dataset = dataset.dataset
     skipped = getattr(dataset, "skipped", None)
     return skipped.value if skipped is not None else 0
@@ -244,6 +282,8 @@ def build_datasets(dataset, data_dir, train_transform, eval_transform, train_sub
         val = ImageFolderSafe(os.path.join(data_dir, "val"), eval_transform)
         if train.classes != val.classes:
             raise UserError(f"--data-dir: {data_dir}/train and {data_dir}/val have different class folders")
+        check_readable(train)
+        check_readable(val)
     return subset(train, train_subset), subset(val, val_subset)
 
 
@@ -525,23 +565,55 @@ def collate_skip(batch):
     return default_collate(batch) if batch else None
 
 
+class SeededSamples(Dataset):
+    """Training items as (epoch seed, index) -> the item, its random augmentation drawn from a generator
+    seeded by (epoch seed, index) alone. The draws then do not depend on which process loads the
+    item or what was loaded before it, so a run resumed mid-epoch (its sampler skipping the consumed
+    batches) sees the same images as an uninterrupted one; the caller's random state is left untouched."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        seed, i = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((seed * 1_000_003 + i) % (1 << 63))
+            return self.dataset[i]
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler yielding (epoch seed, index) for SeededSamples; `start` items of this rank's
+    epoch order are skipped (set_loader_epoch's skip_batches), while len() stays the whole epoch."""
+
+    def __init__(self, dataset, num_replicas, rank, seed):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def __iter__(self):
+        epoch_seed = self.seed * 100_003 + self.epoch
+        return iter([(epoch_seed, i) for i in list(super().__iter__())[self.start:]])
+
+
 def make_loader(dataset, batch_size, workers, train, rank=0, world=1, seed=0):
-    """Train: shuffled, sharded over ranks (DistributedSampler also when alone: one code path), last
-    partial batch dropped; call set_loader_epoch before each epoch. Eval: blocks of consecutive images,
-    unpadded, each image on exactly one rank."""
+    """Train: shuffled, sharded over ranks (one code path also when alone), last partial batch dropped,
+    augmentation seeded per item; call set_loader_epoch before each epoch. Eval: blocks of consecutive
+    images, unpadded, each image on exactly one rank."""
     common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), collate_fn=collate_skip)
     if not train:
         return DataLoader(dataset, batch_sampler=BlockSampler(len(dataset), batch_size, rank, world), **common)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, generator=torch.Generator(),
-                      **common)
+    sampler = ResumableSampler(dataset, world, rank, seed)
+    return DataLoader(SeededSamples(dataset), batch_size=batch_size, sampler=sampler, drop_last=True,
+                      generator=torch.Generator(), **common)
 
 
-def set_loader_epoch(loader, epoch, seed):
-    """Make an epoch's shuffling and augmentation a function of (seed, epoch) alone, so a resumed
-    run sees exactly the data an uninterrupted one would have seen."""
-    if hasattr(loader.sampler, "set_epoch"):
-        loader.sampler.set_epoch(epoch)
+def set_loader_epoch(loader, epoch, seed, skip_batches=0):
+    """Make an epoch's shuffling and augmentation a function of (seed, epoch) alone, so a resumed run
+    sees exactly the data an uninterrupted one would have seen; skip_batches: already trained on."""
+    loader.sampler.set_epoch(epoch)
+    loader.sampler.start = skip_batches * loader.batch_size
     loader.generator.manual_seed(seed * 100_003 + epoch)  # worker seeds derive from this
 
 

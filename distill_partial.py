@@ -39,8 +39,9 @@ from data import (UserError, Views, add_aug_args, add_data_args, build_datasets,
                   image_transforms, make_loader, native_size, skipped_images, with_transform)
 from data import augmix_views, device_views  # own line: eases merging the import above
 from train_teacher import (SCHEMA, Normalized, RunLog, add_model_args, add_train_args, all_sum, amp_setup,
-                           create_model, load_checkpoint, load_model, lr_at, model_data_config, parse_kwargs,
-                           progress, ranks_agree, restore_training, run_main, save_checkpoint, set_lr, setup_distributed,
+                           check_resume, check_train_args, create_model, load_checkpoint, load_model, lr_at,
+                           model_data_config, parse_kwargs, progress, rank_states, ranks_agree, restore_best,
+                           restore_rank_state, restore_training, run_main, save_run, set_lr, setup_distributed,
                            start_epoch)
 
 STUDENT_ALIASES = {
@@ -363,6 +364,16 @@ class FTP(torch.optim.Optimizer):
                                      radius_exp_avg=zero.clone(), radius_exp_avg_sq=zero.clone(),
                                      radius_step=zero.clone())
 
+    def load_state_dict(self, state_dict):
+        # torch casts floating state to each parameter's dtype; the radius and its Adam stay fp32 as saved,
+        # so a resume with bf16/fp64 parameters is exact.
+        super().load_state_dict(state_dict)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for p, i in zip((p for g in self.param_groups for p in g["params"]), ids):
+            for key, value in state_dict["state"].get(i, {}).items():
+                if key.startswith("radius"):
+                    self.state[p][key] = value.to(p.device, copy=True)
+
     @staticmethod
     def _row_l1(c):
         # Step 3: L1 norm per output row (dim 0), kept broadcastable against c; tiny floor.
@@ -474,7 +485,8 @@ def build_base(base, pretrained_file=None):
     if base["source"] == "file" and not os.path.isfile(file or ""):
         raise UserError(f"the base weights {file} of this delta are missing; pass the file with --base-file")
     model = create_model(base["arch"], base["num_classes"], base["source"] == "hub",
-                         file if base["source"] == "file" else None, base["model_kwargs"])
+                         file if base["source"] == "file" else None, base["model_kwargs"],
+                         flag="--base-file" if pretrained_file else "the delta's base weights")
     if fingerprint(model) != base["fingerprint"]:
         raise UserError(f"the base weights ({file or base['arch']}) differ from those the delta was trained on "
                         f"(sha256 {base.get('sha256', '?')[:12]}); pass the original file with --base-file")
@@ -528,7 +540,8 @@ def build_optimizer(student, opt, lr, weight_decay, device):
     branch = list(student.branch.parameters())
     heads = [p for h in (student.head_robust, student.head_combined) for p in h.parameters()]
     if opt == "ftp":
-        return FTP([{"params": branch, "project": True}, {"params": heads, "project": False}], lr=lr)
+        return FTP([{"params": branch, "project": True}, {"params": heads, "project": False}], lr=lr,
+                   weight_decay=weight_decay)
     groups = [{"params": branch + heads, "weight_decay": weight_decay}]
     if opt == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
@@ -551,6 +564,8 @@ def head_accuracy(student, loader, device, autocast, mc_samples=1):
             correct[i] += (z.argmax(-1) == y).sum().item()
         total += len(y)
     sums = all_sum(correct + [total], device)
+    if sums[-1] == 0:
+        raise UserError("no readable validation image: every one was skipped; replace the broken files in --data-dir")
     return {name: 100.0 * c / max(1, sums[-1]) for name, c in zip((*HEADS, "auto"), sums[:-1])}
 
 
@@ -584,6 +599,14 @@ def train_step(student, teacher, x, y, opt, scaler, autocast, kd_temp, kd_weight
     return loss.detach(), stats
 
 
+def delta_checkpoint(args, base, student, cfg, classes, opt, scaler, world):
+    """The parts of a distill_partial.py checkpoint that do not depend on where in the run it is written."""
+    return dict(schema=SCHEMA, kind="delta", base=base, k=student.k, at=student.at, kd_target=args.kd_target,
+                branch_dropout=args.branch_dropout, data_config=cfg, num_classes=len(classes), class_names=classes,
+                model=delta_state(student), tau=student.tau, optimizer=opt.state_dict(),
+                scaler=scaler.state_dict() if scaler.is_enabled() else None, world=world, args=vars(args))
+
+
 def check_args(args):
     """Input mistakes, caught before any model or data is loaded."""
     if args.tune_last != "all" and not args.tune_last.isdigit():
@@ -596,38 +619,36 @@ def check_args(args):
         raise UserError("--kd-weight must lie in [0, 1] and --kd-temp be positive")
     if not 0 < args.tau_quantile < 1 or args.mc_samples < 1:
         raise UserError("--tau-quantile must lie in (0, 1) and --mc-samples be at least 1")
-    if args.pretrained_file and args.pretrained:
-        raise UserError("--pretrained and --pretrained-file both given; keep one")
-    for flag, path in (("--resume", args.resume), ("--pretrained-file", args.pretrained_file)):
-        if path and not os.path.isfile(path):
-            raise UserError(f"{flag}: file {path} does not exist")
+    if not 0 <= args.branch_dropout < 1 or args.calib_size < 0:
+        raise UserError("--branch-dropout must lie in [0, 1) and --calib-size be >= 0 (0: no calibration)")
     if args.teacher != "none" and not os.path.isfile(args.teacher) and args.teacher.endswith((".pt", ".pth")):
         raise UserError(f"--teacher: file {args.teacher} does not exist")
-    if args.epochs < 1:
-        raise UserError("--epochs must be at least 1")
+    check_train_args(args)
 
 
 def distill(args):
     check_args(args)
     rank, world, device = setup_distributed(args.device, args.deterministic)
-    log = RunLog(args.output, rank, args)
     torch.manual_seed(args.seed)
     arch = STUDENT_ALIASES.get(args.arch, args.arch)
     classes = class_names(args.dataset, args.data_dir)
     kwargs = parse_kwargs(args.model_kwargs)
+    start = load_checkpoint(args.resume) if args.resume else None
+    if start is not None:
+        check_resume(start, args, "delta", "distill_partial.py", world, "--student")
+    size = args.img_size or native_size(args.dataset)
 
     # Wrap order: build -> load weights into the bare module -> to(device) -> compile -> DDP.
-    teacher = load_teacher(args.teacher, len(classes), classes, native_size(args.dataset))
+    teacher = load_teacher(args.teacher, len(classes), classes, size)
     torch.manual_seed(args.seed)   # a random-init base must be rebuildable from the seed alone (build_base)
     model = create_model(arch, len(classes), args.pretrained, args.pretrained_file, kwargs)
     base = base_record(args, arch, model, len(classes), kwargs)
-    cfg = model_data_config(model, native_size(args.dataset))
+    cfg = model_data_config(model, size)
     at, k = ("start", args.tune_first) if args.tune_first is not None else ("end", args.tune_last)
     student = BranchStudent(model, cfg, k, args.branch_dropout, at)
-    start = load_checkpoint(args.resume) if args.resume else None
     if start is not None:
-        if start.get("kind") != "delta" or start["base"]["fingerprint"] != base["fingerprint"] or \
-                start["k"] != student.k or start.get("at", "end") != at:
+        if start["base"]["fingerprint"] != base["fingerprint"] or start["k"] != student.k or \
+                start.get("at", "end") != at:
             raise UserError(f"--resume: {args.resume} was trained from other base weights or another "
                             f"--tune-last/--tune-first")
         student.load_state_dict(start["model"], strict=False)
@@ -645,6 +666,9 @@ def distill(args):
     if len(train_loader) == 0:
         raise UserError(f"-b/--batch-size {args.batch_size} x {world} processes is larger than the "
                         f"{len(train_set)} training images; lower it")
+    log = RunLog(args.output, rank, args, args.overwrite, start["step"] if start else 0)
+    if start is not None and rank == 0:
+        restore_best(start, args.resume, args.output)
 
     student.to(device)
     if teacher is not None:
@@ -657,10 +681,10 @@ def distill(args):
 
     opt = build_optimizer(student, args.opt, args.lr, args.weight_decay, device)
     autocast, scaler = amp_setup(device, args.amp, args.amp_dtype)
-    epoch, step, best, accs = 0, 0, -1.0, None
+    epoch, step, best, accs, best_step, skip = 0, 0, -1.0, None, None, 0
     if start is not None:
         epoch, step, best = restore_training(start, args.resume, opt, scaler)
-        accs, student.tau = start["val"], start["tau"]
+        accs, student.tau, best_step, skip = start["val"], start["tau"], start.get("best_step"), start.get("batch", 0)
     total = args.epochs * len(train_loader)
     warmup = int(args.warmup_epochs * len(train_loader))
     lr = lr_at(step, total, args.lr, args.sched, warmup, args.ssfd_peak)
@@ -673,12 +697,16 @@ def distill(args):
 
     t_start = time.time()
     while epoch < args.epochs:
-        start_epoch(train_loader, epoch, args.seed, rank)
+        start_epoch(train_loader, epoch, args.seed, rank, skip)
         student.train()
         t0, seen, loss_sum, skipped0 = time.time(), 0, 0.0, skipped_images(train_set)
         view_stats = torch.zeros(3, device=device)
+        if skip:   # mid-epoch resume: this rank's random state and epoch counters as they were
+            mid = restore_rank_state(start["ranks"], rank, device)
+            seen, loss_sum, skipped0 = mid["seen"], mid["loss_sum"], skipped0 - mid["skipped"]
+            view_stats = torch.tensor(mid.get("view_stats", [0.0] * 3), device=device)
         bar = progress(train_loader, rank, f"epoch {epoch + 1}/{args.epochs}")
-        for batch in bar:
+        for i, batch in enumerate(bar, skip):
             if batch is None:
                 continue
             views, y = batch
@@ -694,6 +722,15 @@ def distill(args):
             seen += b * world
             loss_sum += loss.item()
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.time() - t0):.0f}")
+            if args.save_every and step % args.save_every == 0 and i + 1 < len(train_loader):
+                ranks = rank_states(device, seen=seen, loss_sum=loss_sum, skipped=skipped_images(train_set) - skipped0,
+                                    view_stats=view_stats.tolist())
+                if rank == 0:
+                    save_run(args.output, dict(delta_checkpoint(args, base, student, cfg, classes, opt, scaler, world),
+                                               epoch=epoch, step=step, batch=i + 1, ranks=ranks, val=accs,
+                                               metric=accs and accs["auto"], best_metric=best, best_step=best_step),
+                             False)
+        skip = 0
         epoch += 1
         train_time = time.time() - t0
         if calib_set is not None:
@@ -703,7 +740,7 @@ def distill(args):
         views = {k: round(100.0 * v / max(1, seen), 2) for k, v in   # the AugMix views of this epoch, all ranks
                  zip(("student_on_views", "teacher_on_views", "teacher_weight"), all_sum(view_stats.tolist(), device))}
         is_best = accs["auto"] > best
-        best = max(best, accs["auto"])
+        best, best_step = max(best, accs["auto"]), step if is_best else best_step
         metrics = dict(epoch=epoch, step=step, lr=lr, train_loss=loss_sum / max(1, len(train_loader)), tau=student.tau,
                        **{f"val_{k}": v for k, v in accs.items()}, epoch_time_s=round(train_time, 2),
                        img_s=round(seen / train_time, 1), skipped_images=int(skipped),
@@ -714,20 +751,16 @@ def distill(args):
             f"  AugMix views: frozen student {views['student_on_views']:.1f}% / teacher {views['teacher_on_views']:.1f}% "
             f"top-1, teacher weight {views['teacher_weight']:.1f}%"), **metrics)
         if rank == 0:
-            ckpt = dict(schema=SCHEMA, kind="delta", base=base, k=student.k, at=at, branch_dropout=args.branch_dropout,
-                        data_config=cfg, num_classes=len(classes), class_names=classes, model=delta_state(student),
-                        tau=student.tau, optimizer=opt.state_dict(),
-                        scaler=scaler.state_dict() if scaler.is_enabled() else None, epoch=epoch, step=step,
-                        val=accs, metric=accs["auto"], best_metric=best, args=vars(args))
-            save_checkpoint(ckpt, os.path.join(args.output, "last.pt"))
-            if is_best:
-                save_checkpoint(dict(ckpt, optimizer=None, scaler=None), os.path.join(args.output, "best.pt"))
+            save_run(args.output, dict(delta_checkpoint(args, base, student, cfg, classes, opt, scaler, world),
+                                       epoch=epoch, step=step, batch=0, ranks=None, val=accs, metric=accs["auto"],
+                                       best_metric=best, best_step=best_step), is_best)
         if args.stop_after and epoch >= args.stop_after:
             break
     result = dict(student=arch, k=student.k, at=at, teacher=args.teacher, opt=args.opt, epochs_done=epoch, step=step, lr=lr,
                   tau=student.tau, val=accs, best_auto=best, train_time_s=round(time.time() - t_start, 2),
                   trainable_params=n_train, ranks_agree=ranks_agree(student, device))
     log("final: " + json.dumps(result), final=result)
+    log.close()
     return result
 
 

@@ -58,10 +58,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data import (CORRUPTIONS, EXTRA_CORRUPTIONS, ImageFolderSafe, UserError, Views, add_data_args, augmix,
-                  check_image_folder, class_names, corrupt, fashion_mnist, image_transforms, make_loader, native_size,
-                  shift_labels, subset, timm_info, to_float)
-from train_teacher import (Normalized, all_sum, amp_setup, create_model, fraction, load_checkpoint, load_model,
-                           model_data_config, parse_kwargs, pgd_attack, progress, run_main, setup_distributed)
+                  check_data_args, check_image_folder, check_readable, class_names, corrupt, fashion_mnist,
+                  image_transforms, make_loader, native_size, shift_labels, subset, timm_info, to_float)
+from train_teacher import (Normalized, all_sum, amp_setup, check_writable, create_model, fraction, load_checkpoint,
+                           load_model, model_data_config, parse_kwargs, pgd_attack, progress, run_main,
+                           setup_distributed, temp_name)
 from train_teacher import add_device_arg  # own line: eases merging the import above
 
 SHIFTS = ("clean", "c", "r", "sketch", "a", "v2", "augmix")
@@ -189,6 +190,9 @@ def split_list(text, flag, cast=str):
 
 def check_args(args):
     """Mistakes a user can make, caught before any model or image is loaded. Returns the parsed lists."""
+    check_data_args(args)
+    check_writable(args.output)
+    parse_kwargs(args.model_kwargs)
     shifts = split_list(args.shifts, "--shifts")
     bad = [s for s in shifts if s not in SHIFTS] or ([""] if not shifts else [])
     if bad:
@@ -241,8 +245,8 @@ def check_args(args):
         raise UserError(f"--probe-data: {args.probe_data} needs train/ and val/ ImageFolder trees")
     if args.frost_dir and not os.path.isdir(args.frost_dir):
         raise UserError(f"--frost-dir: folder {args.frost_dir} does not exist")
-    if (args.mc_samples is not None and args.mc_samples < 1) or args.batch_size < 1:
-        raise UserError("--mc-samples and -b/--batch-size must be at least 1")
+    if args.mc_samples is not None and args.mc_samples < 1:
+        raise UserError(f"--mc-samples {args.mc_samples}: give at least 1 pass")
     if args.pretrained and args.pretrained_file:
         raise UserError("--pretrained and --pretrained-file both given; keep one")
     return shifts, corruptions, severities, alphas
@@ -406,7 +410,7 @@ def load_columns(args, alphas, n_classes, space, device):
         elif kind == "timm":
             kwargs, n = parse_kwargs(args.model_kwargs), n_classes if args.num_classes is None else args.num_classes
             model = create_model(src, n, args.pretrained, args.pretrained_file, kwargs)
-            cfg = model_data_config(model, native_size(args.dataset))
+            cfg = model_data_config(model, args.img_size or native_size(args.dataset))
             net = Normalized(model, cfg)
             ident = dict(name=name, arch=src, pretrained=args.pretrained, kwargs=kwargs, classes=n, seed=args.seed,
                          file=file_ident(args.pretrained_file))
@@ -459,10 +463,15 @@ def make_tasks(args, shifts, corruptions, severities, classes, eval_tf):
     def clean():
         ds = (fashion_mnist(args.split, args.data_dir, tf) if args.dataset == "fashion-mnist"
               else ImageFolderSafe(clean_dir(args), tf, to_label, "--data-dir"))
+        check_readable(ds, "--data-dir")
         return subset(ds, n, seed)
 
+    def readable(ds):
+        check_readable(ds, "--data-root")
+        return ds
+
     def folder(path, labels, transform=tf):
-        return lambda: subset(ImageFolderSafe(path, transform, labels, "--data-root"), n, seed)
+        return lambda: subset(readable(ImageFolderSafe(path, transform, labels, "--data-root")), n, seed)
 
     clean_src = f"fashion-mnist {args.split}" if args.dataset == "fashion-mnist" else os.path.abspath(clean_dir(args) or "")
     tasks = [Task("clean", clean, source=clean_src)] if "clean" in shifts else []
@@ -551,8 +560,8 @@ def cached(folder, keys, sizes, compute, rank, device):
         hits[i] = hit
         if rank == 0:
             os.makedirs(folder, exist_ok=True)
-            tmp = f"{paths[i]}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
+            tmp = temp_name(paths[i])   # unique: two runs may share a cache
+            with open(tmp, "x") as f:
                 json.dump({"key": keys[i], "counts": list(hit[0]), "total": hit[1]}, f)
             os.replace(tmp, paths[i])
     return hits
@@ -581,6 +590,9 @@ def evaluate_tasks(tasks, cols, args, cfg, device, rank, world):
             todo_cols = [task_cols[i] for i in todo]
             got = score(todo_cols, loader, task, device, fp32 if task.set == "pgd" else autocast, args.seed,
                         args.frost_dir, attack, rank, world)
+            if got[-1] == 0:
+                raise UserError(f"no readable image in {task.source or task.set}: every one was skipped; replace "
+                                f"the broken files")
             out, at = [], 0
             for c in todo_cols:
                 out.append((tuple(int(v) for v in got[at:at + c.n_counts]), int(got[-1])))

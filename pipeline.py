@@ -8,7 +8,9 @@
 
 Each stage is one call of a script's main(); its command line is printed so any stage can be rerun or
 changed by hand. A stage whose --output already holds a finished run with the same arguments is reused
-(so --compare after the quick run only trains the baselines), and evaluation resumes from its cache.
+(so --compare after the quick run only trains the baselines), an interrupted one is resumed, and
+evaluation resumes from its cache. A stage folder holding a run with other arguments is refused
+unless --overwrite.
 Writes runs/fmnist/{student,teacher,method,...}/, runs/fmnist/eval/ and runs/fmnist/summary.md.
 """
 import argparse
@@ -26,8 +28,8 @@ import train_teacher
 
 # The "large pre-trained" student and the small teacher, sized for a 2-core CPU: a 2.7M-parameter ViT
 # (6 blocks, 16 patches of 8x8 px) and a 0.33M-parameter ResNet-10 (8x fewer parameters).
-STUDENT = ["--arch", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32", "patch_size=8", "embed_dim=192",
-           "depth=6", "num_heads=3", "global_pool=avg", "class_token=False"]
+STUDENT = ["--arch", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=8", "embed_dim=192",
+           "depth=6", "num_heads=3", "global_pool=avg", "class_token=False"]   # + img_size=--img-size, first (stages)
 TEACHER = ["--arch", "resnet18", "--model-kwargs", "layers=[1,1,1,1]", "channels=[16,32,64,128]"]
 
 
@@ -56,6 +58,9 @@ def get_parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the pre-training stages and of the evaluation")
     p.add_argument("--seeds", default=None, help="seeds of the distillation stages, e.g. 0,1,2 (default: --seed); "
                    "the tables then give mean +- std over them")
+    p.add_argument("--img-size", type=int, default=32, help="input size of every model (the 32-px images are "
+                   "resized to it)")
+    p.add_argument("--overwrite", action="store_true", help="replace stage folders that hold runs with other arguments")
     return p
 
 
@@ -108,17 +113,21 @@ def suffix(args):
 def stages(args):
     """(name, script module, argv) in order; the evaluations come last."""
     out = lambda name: ["--output", os.path.join(args.output, name)]
+    # --img-size 32 is Fashion-MNIST's native size, every script's default for it: left out then, so stages
+    # made before the flag existed keep matching (finished, same_recipe)
+    size = ["--img-size", str(args.img_size)] if args.img_size != 32 else []
     data = ["--dataset", "fashion-mnist", "--train-subset", str(args.train_subset), "-b", str(args.batch_size),
-            "-j", str(args.workers)] + (["--data-dir", args.data_dir] if args.data_dir else [])
+            "-j", str(args.workers)] + size + (["--data-dir", args.data_dir] if args.data_dir else [])
     common = data + ["--seed", str(args.seed)]
+    student_arch = STUDENT[:3] + [f"img_size={args.img_size}"] + STUDENT[3:]
     ckpt = lambda name: os.path.join(args.output, name, "best.pt")
-    run = [("student", train_teacher, common + STUDENT + ["--epochs", str(args.student_epochs), "--warmup-epochs",
+    run = [("student", train_teacher, common + student_arch + ["--epochs", str(args.student_epochs), "--warmup-epochs",
                                                           "0.3", "--opt", "adamw", "--lr", "1e-3", "--weight-decay",
                                                           "0.05", "-b", "64"] + out("student")),
            ("teacher", train_teacher, common + TEACHER + ["--epochs", str(args.teacher_epochs), "--warmup-epochs",
                                                           "0.3", "--aug", "augmix", "--jsd", "12", "--opt", "sgd",
                                                           "--lr", "0.1"] + out("teacher"))]
-    student = ["--student", STUDENT[1], "--model-kwargs", *STUDENT[3:], "--pretrained-file", ckpt("student"),
+    student = ["--student", STUDENT[1], "--model-kwargs", *student_arch[3:], "--pretrained-file", ckpt("student"),
                "--epochs", str(args.distill_epochs), "--calib-size", str(args.calib_size), "--lr", "1e-3",
                "--aug-severity", str(args.aug_severity)]
     k, teacher = ["--tune-last", args.tune_last], ["--teacher", ckpt("teacher")]
@@ -139,7 +148,7 @@ def stages(args):
                 run.append((f"{b}{tag(s)}", distill_partial, baselines[b] + out(f"{b}{tag(s)}")))
                 names.append(f"{b}{tag(s)}")
     evaluation = ["--dataset", "fashion-mnist", "--generate-c", "-b", "250", "-j", "0", "--seed", str(args.seed)] + \
-        (["--data-dir", args.data_dir] if args.data_dir else [])
+        size + (["--data-dir", args.data_dir] if args.data_dir else [])
     test = evaluation + ["--test-subset", str(args.test_subset), "--corruptions", "all", "--baseline", "original"]
     paths = [ckpt("student"), ckpt("teacher")] + [ckpt(n) for n in names[2:]]
     run.append(("eval", evaluate, test + ["--checkpoint", *paths, "--name", *names, "--head",
@@ -164,19 +173,34 @@ def stages(args):
     return run
 
 
-def finished(folder, argv):
-    """A stage is reused when its folder holds a finished run started with exactly these arguments."""
+# Flags a stage may differ in and still be reused or resumed: those a --resume may change, but for --epochs
+# (a finished stage of other length is not this one) and --deterministic (a stage asked to be reproducible
+# is made so).
+REUSE_FREE = train_teacher.RESUME_FREE - {"epochs", "deterministic"}
+
+
+def same_recipe(folder, argv):
+    """The run in folder was started with these arguments, up to those that cannot change its result. A flag
+    added to the scripts after the run was made matches while it keeps its default."""
     try:
-        with open(os.path.join(folder, "log.jsonl")) as f:
-            done = any("final" in json.loads(line) for line in f)
         with open(os.path.join(folder, "args.json")) as f:
             saved = json.load(f)
     except (OSError, ValueError):
         return False
     parser = stage_parser(argv)
-    # a flag added to the scripts after the run was made matches while it keeps its default
     now = {k: v for k, v in vars(parser.parse_args(argv)).items() if k in saved or v != parser.get_default(k)}
-    return done and saved == now
+    recipe = lambda a: {k: v for k, v in a.items() if k not in REUSE_FREE}
+    return recipe(saved) == recipe(now)
+
+
+def finished(folder, argv):
+    """A stage is reused when its folder holds a finished run started with these arguments."""
+    try:
+        with open(os.path.join(folder, "log.jsonl")) as f:
+            done = any("final" in json.loads(line) for line in f)
+    except (OSError, ValueError):
+        return False
+    return done and same_recipe(folder, argv)
 
 
 def stage_parser(argv):
@@ -299,6 +323,12 @@ def main(argv=None):
         if module is not evaluate and finished(folder, stage_argv):
             print(f"(reusing the finished run in {folder})")
             continue
+        last = os.path.join(folder, "last.pt")
+        if module is not evaluate and os.path.isfile(last) and same_recipe(folder, stage_argv):
+            print(f"(resuming the interrupted run in {folder})")
+            stage_argv = stage_argv + ["--resume", last]
+        elif module is not evaluate and args.overwrite:
+            stage_argv = stage_argv + ["--overwrite"]
         result = module.main(stage_argv)
         if module is evaluate:
             evals[name] = result

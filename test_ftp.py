@@ -189,3 +189,42 @@ def test_k_scales_positive_hypergradient_only():
         assert st["radius_exp_avg"].item() == pytest.approx(m, rel=1e-5)
         radii[k] = st["radius"].item()
     assert radii[3.0] < radii[1.0] - 1e-4  # the scaled positive hyper-gradient shrinks r more
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_resume_keeps_the_fp32_radius_with_other_parameter_dtypes(dtype):
+    batches = [(x.to(dtype), y.to(dtype)) for x, y in _toy_data(8, seed=4)]
+    full, first = _model(seed=5).to(dtype), _model(seed=5).to(dtype)
+    opt_full, opt_first = FTP(_groups(full), lr=1e-2), FTP(_groups(first), lr=1e-2)
+    _train(full, opt_full, batches)
+    _train(first, opt_first, batches[:4])
+    resumed = copy.deepcopy(first)
+    opt_resumed = FTP(_groups(resumed), lr=1e-2)
+    opt_resumed.load_state_dict(copy.deepcopy(opt_first.state_dict()))
+    st = opt_resumed.state[resumed[0].weight]
+    assert st["radius"].dtype == torch.float32 and st["radius_exp_avg_sq"].dtype == torch.float32
+    assert torch.equal(st["radius"], opt_first.state[first[0].weight]["radius"])
+    _train(resumed, opt_resumed, batches[4:])
+    for a, c in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, c)
+
+
+def test_weight_decay_reaches_the_step():
+    """build_optimizer passes --weight-decay to FTP: with a zero gradient only the decay moves a free tensor."""
+    from distill_partial import build_optimizer
+    import distill_partial as dp
+    student = dp.BranchStudent(_cnn(), {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}, 1)
+    opt = build_optimizer(student, "ftp", 1e-2, 0.5, torch.device("cpu"))
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.5]
+    w = student.head_robust.weight
+    before = w.detach().clone()
+    for p in (p for g in opt.param_groups for p in g["params"]):
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.allclose(w, before * (1 - 1e-2 * 0.5))
+
+
+def _cnn():
+    import train_teacher
+    torch.manual_seed(0)
+    return train_teacher.create_model("resnet18", 3, model_kwargs=dict(layers=[1, 1, 1, 1], channels=[4, 8, 8, 8]))

@@ -11,8 +11,9 @@ Three recipes, alone or together:
     python train_teacher.py --dataset fashion-mnist --arch resnet18 --model-kwargs "layers=[1,1,1,1]" \
         --aug augmix --jsd 12 --epochs 3 --output runs/teacher       # CPU, minutes
 
-Writes --output/{args.json, log.jsonl, last.pt, best.pt}; checkpoints hold plain tensors and
-types (torch.load(..., weights_only=True)). The helpers here (model creation, the normalising
+Writes --output/{args.json, log.jsonl, last.pt, best.pt} once every flag is checked, holding a lock on
+--output while it runs; a folder that holds a run needs --resume or --overwrite. Checkpoints hold plain
+tensors and types (torch.load(..., weights_only=True)); --save-every N adds mid-epoch ones. The helpers here (model creation, the normalising
 wrapper, PGD, learning-rate schedules, checkpoints, distributed set-up, evaluation) are shared by
 distill_partial.py and evaluate.py.
 """
@@ -20,11 +21,14 @@ import argparse
 import ast
 import contextlib
 import difflib
+import fcntl
 import json
 import math
 import os
 import sys
+import tempfile
 import time
+import uuid
 from functools import partial
 
 import torch
@@ -34,8 +38,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import (UserError, Views, add_aug_args, add_data_args, augmix_views, build_datasets, class_names,
-                  device_views, image_transforms, make_loader, native_size, set_loader_epoch, skipped_images)
+from data import (UserError, Views, add_aug_args, add_data_args, augmix_views, build_datasets, check_aug_args,
+                  check_data_args, class_names, device_views, image_transforms, make_loader, native_size,
+                  set_loader_epoch, skipped_images)
 
 SCHEMA = "robustify/1"
 
@@ -79,6 +84,9 @@ def add_train_args(parser, lr=0.1, opt="sgd", epochs=10, opts=("sgd", "adamw")):
     parser.add_argument("--compile", action="store_true", help="torch.compile the trained module")
     parser.add_argument("--output", default="runs/teacher", help="folder for args.json, log.jsonl, checkpoints")
     parser.add_argument("--resume", default=None, help="checkpoint (last.pt) to continue from, exactly")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run --output already holds")
+    parser.add_argument("--save-every", type=int, default=0, help="also write last.pt every N steps (0: at epoch "
+                        "ends only); --resume continues mid-epoch, exactly")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     add_device_arg(parser)
     parser.add_argument("--deterministic", action="store_true", help="deterministic algorithms (and cuBLAS "
@@ -180,11 +188,75 @@ def amp_setup(device, amp, amp_dtype):
     return autocast, scaler
 
 
+def temp_name(path):
+    """A temporary name next to path, unique to this process and call: two writers never share one."""
+    return f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+
+
 def save_checkpoint(obj, path):
-    """Atomic write: a crash mid-save never leaves a broken last.pt behind."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """Atomic write under a unique temporary name: a crash mid-save never leaves a broken last.pt behind."""
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "xb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_run(output, ckpt, is_best):
+    """best.pt (no optimizer state) before last.pt: a kill between the two leaves the previous last.pt,
+    whose --resume redoes this epoch and writes the same best.pt again; never a last.pt that records
+    a best.pt which is not on disk."""
+    if is_best:
+        save_checkpoint(dict(ckpt, optimizer=None, scaler=None, ranks=None), os.path.join(output, "best.pt"))
+    save_checkpoint(ckpt, os.path.join(output, "last.pt"))
+
+
+def restore_best(start, resume, output):
+    """On --resume, make --output's best.pt the one the resumed last.pt records (best_step): keep it if it
+    is (or is newer: this run writes it again), else copy the resumed folder's, else the last.pt itself
+    when it is the best; a best.pt that cannot be re-derived is reported."""
+    def step_of(path):
+        try:
+            return load_checkpoint(path, "best.pt")["step"] if os.path.isfile(path) else None
+        except UserError:
+            return None
+
+    want, dst = start.get("best_step"), os.path.join(output, "best.pt")
+    have = step_of(dst)
+    if want is None or (have is not None and (have == want or have > start["step"])):
+        return
+    src = os.path.join(os.path.dirname(os.path.abspath(resume)), "best.pt")
+    if step_of(src) == want:
+        save_checkpoint(load_checkpoint(src, "best.pt"), dst)
+    elif want == start["step"] and not start.get("batch"):
+        save_checkpoint(dict(start, optimizer=None, scaler=None, ranks=None), dst)
+    else:
+        print(f"warning: the best.pt of step {want} recorded in {resume} is gone; this run writes a new one when "
+              f"an epoch beats it", file=sys.stderr)
+
+
+def rank_states(device, **counters):
+    """Every rank's random state and epoch counters (a list indexed by rank), for a mid-epoch checkpoint."""
+    state = dict(counters, cpu=torch.get_rng_state(),
+                 cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rank_state(states, rank, device):
+    """This rank's random state back from a mid-epoch checkpoint; returns its epoch counters."""
+    state = states[rank]
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    return state
 
 
 def load_checkpoint(path, flag="--resume"):
@@ -200,15 +272,136 @@ def load_checkpoint(path, flag="--resume"):
     return ckpt
 
 
-class RunLog:
-    """Rank 0 writes args.json and appends metrics to log.jsonl; other ranks stay silent."""
+RUN_FILES = ("last.pt", "best.pt", "log.jsonl")
+# Flags a --resume may change: they cannot change the result (a longer --epochs is checked apart).
+# The starting weights are in the resumed checkpoint already (distill_partial.py checks the base's fingerprint).
+# --deterministic only picks reproducible kernels (CPU results are the same either way), so a run may be resumed
+# with it added or dropped; --device and --aug-device decide where and how the numbers are computed (batched
+# AugMix draws other views than the loader's), so they stay part of the recipe.
+RESUME_FREE = {"workers", "output", "resume", "overwrite", "stop_after", "save_every", "data_dir", "epochs",
+               "pretrained_file", "init_checkpoint", "deterministic"}
 
-    def __init__(self, output, rank, args):
-        self.output, self.main = output, rank == 0
-        if self.main:
+
+def lock_holder(output):
+    """pid of the live run holding --output's lock, else None (a killed run's lock is released by the OS)."""
+    try:
+        with open(os.path.join(output, ".lock")) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return f.read().strip() or "?"
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError:
+        pass
+    return None
+
+
+def check_writable(output):
+    """--output is a folder, or can be made one, where this process may write."""
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise UserError(f"--output: {output} is a file; give a folder (created if missing)")
+    parent = os.path.abspath(output)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"--output: {parent} is a file, so {output} cannot be created; give a folder path")
+    try:   # a real probe: access() misses read-only mounts and pseudo file systems for root
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=parent))
+    except OSError:
+        raise UserError(f"--output: cannot write in {parent} (read-only or no permission); pick another folder") from None
+
+
+def check_output(output, resume, overwrite):
+    """--output mistakes, found before anything is loaded or written."""
+    check_writable(output)
+    holder = lock_holder(output)
+    if holder:
+        raise UserError(f"--output: {output} is in use by a running run (pid {holder}); wait for it to end or "
+                        f"pick another --output")
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite both given; keep --resume to continue a run, --overwrite to replace it")
+    held = [f for f in ("last.pt", "best.pt") if os.path.exists(os.path.join(output, f))]
+    same = resume and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(output)
+    if held and not overwrite and not same:
+        raise UserError(f"--output: {output} already holds a run ({', '.join(held)}); continue it with --resume "
+                        f"{os.path.join(output, 'last.pt')}, replace it with --overwrite, or pick another --output")
+
+
+def check_resume(ckpt, args, kind, script, world, arch_flag="--arch"):
+    """--resume continues the very run it names: a checkpoint of this script, with the same recipe.
+    Only flags that cannot change the result may differ, and --epochs only grow."""
+    if ckpt.get("kind") != kind:
+        what = {"model": "a train_teacher.py model", "delta": "a distill_partial.py delta"}.get(ckpt.get("kind"),
+                                                                                             f"a {ckpt.get('kind')}")
+        raise UserError(f"--resume: {args.resume} is {what} checkpoint; {script} resumes from a last.pt it wrote itself")
+    if ckpt.get("optimizer") is None:
+        raise UserError(f"--resume: {args.resume} holds no optimizer state (a best.pt); resume from last.pt")
+    saved, new = ckpt.get("args") or {}, vars(args)
+    changed = [f"{arch_flag if k == 'arch' else '--' + k.replace('_', '-')} {new[k]} (was {saved[k]})"
+               for k in saved if k in new and k not in RESUME_FREE and saved[k] != new[k]]
+    if new["epochs"] < saved.get("epochs", 0):
+        changed.append(f"--epochs {new['epochs']} (was {saved['epochs']}; only a longer run can continue it)")
+    if ckpt.get("world", world) != world:
+        changed.append(f"{world} processes (was {ckpt['world']})")
+    if changed:
+        raise UserError(f"--resume: {', '.join(changed)} differ from the run in {args.resume}; resume with its "
+                        f"arguments (its args.json), or start a new run in another --output")
+
+
+class RunLog:
+    """Rank 0 locks --output for the run's lifetime, writes args.json and appends metrics to log.jsonl; other
+    ranks stay silent. Built once every argument is checked: a failed start leaves --output untouched."""
+
+    def __init__(self, output, rank, args, overwrite=False, resume_step=0):
+        self.output, self.main, self.lock = output, rank == 0, None
+        if not self.main:
+            return
+        try:
             os.makedirs(output, exist_ok=True)
-            with open(os.path.join(output, "args.json"), "w") as f:
+            self.lock = open(os.path.join(output, ".lock"), "a+")
+            try:
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.close()
+                raise UserError(f"--output: {output} is in use by a running run; wait for it or pick another") from None
+            self.lock.truncate(0)
+            self.lock.write(f"{os.getpid()}\n")
+            self.lock.flush()
+            for name in os.listdir(output):   # temporary files of a killed writer (we hold the lock)
+                if name.endswith(".tmp"):
+                    os.remove(os.path.join(output, name))
+            for name in RUN_FILES if overwrite else ():
+                if os.path.exists(os.path.join(output, name)):
+                    os.remove(os.path.join(output, name))
+            self._keep_log_until(resume_step)
+            tmp = temp_name(os.path.join(output, "args.json"))
+            with open(tmp, "x") as f:
                 json.dump(vars(args), f, indent=2)
+            os.replace(tmp, os.path.join(output, "args.json"))
+        except OSError as e:
+            self.close()
+            raise UserError(f"--output: cannot write in {output} ({e.strerror}); pick another folder") from None
+
+    def _keep_log_until(self, step):
+        """Drop the log lines of work the starting point does not hold (a fresh start: all; a --resume: what
+        it redoes now)."""
+        path = os.path.join(self.output, "log.jsonl")
+        if step is None or not os.path.isfile(path):
+            return
+        with open(path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line).get("step", step + 1) <= step]
+        tmp = temp_name(path)
+        with open(tmp, "x") as f:
+            f.writelines(lines)
+        os.replace(tmp, path)
+
+    def close(self):
+        """Release --output's lock (the OS also releases it when the process dies)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
     def __call__(self, msg=None, **metrics):
         if not self.main:
@@ -236,7 +429,41 @@ def parse_kwargs(items):
     return out
 
 
-def create_model(arch, num_classes, pretrained=False, pretrained_file=None, model_kwargs=None, **extra):
+def load_weights(model, path, flag="--pretrained-file"):
+    """Load a local .pth/.safetensors state dict into a timm model, every key matched: only the classifier
+    may be missing or of another class count (it keeps its fresh initialisation). timm's own loading is
+    non-strict when the class count differs and would silently load nothing from misnamed keys."""
+    import timm.models
+    try:
+        state = timm.models.load_state_dict(path, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{flag}: {path} is not a readable state dict ({type(e).__name__}); give a .pth or "
+                        f".safetensors file of {type(model).__name__} weights") from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{flag}: {path} does not hold a state dict of tensors")
+    convert = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if convert is not None:   # timm's conversion of original layouts (JAX, OpenAI CLIP) and position embeddings
+        try:
+            state = convert(state, model)
+        except Exception:
+            pass   # not that layout: matched as is below
+    head = model.pretrained_cfg.get("classifier") or ()
+    head = (head,) if isinstance(head, str) else tuple(head)
+    own = model.state_dict()
+    is_head = lambda k: any(k == h or k.startswith(h + ".") for h in head)
+    state = {k: v for k, v in state.items() if not (is_head(k) and k in own and v.shape != own[k].shape)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not is_head(k)]
+    if missing or unexpected:
+        show = lambda keys: ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+        raise UserError(f"{flag}: {path} does not fit {type(model).__name__}: " +
+                        "; ".join(part for part in (missing and f"missing {show(missing)}",
+                                                    unexpected and f"unexpected {show(unexpected)}") if part) +
+                        "; rename the keys to timm's (e.g. drop a prefix) or check --arch/--model-kwargs")
+
+
+def create_model(arch, num_classes, pretrained=False, pretrained_file=None, model_kwargs=None,
+                 flag="--pretrained-file", **extra):
     """A bare timm model. Errors a user can cause are one sentence, raised before heavy work."""
     import timm
 
@@ -246,32 +473,38 @@ def create_model(arch, num_classes, pretrained=False, pretrained_file=None, mode
         raise UserError(f"unknown model {arch!r}" + (f"; did you mean {', '.join(close)}?" if close else
                                                      "; see timm.list_models()"))
     if pretrained_file and not os.path.isfile(pretrained_file):
-        raise UserError(f"--pretrained-file: {pretrained_file} does not exist")
+        raise UserError(f"{flag}: {pretrained_file} does not exist")
     own = None
     if pretrained_file and pretrained_file.endswith((".pt", ".pth")):
         try:
             ckpt = torch.load(pretrained_file, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise UserError(f"--pretrained-file: {pretrained_file} is not a readable state dict ({type(e).__name__})") from None
+            raise UserError(f"{flag}: {pretrained_file} is not a readable state dict ({type(e).__name__})") from None
         own = ckpt if isinstance(ckpt, dict) and ckpt.get("schema") == SCHEMA else None
+        if own is not None and own.get("kind") != "model":
+            raise UserError(f"{flag}: {pretrained_file} is a {own.get('kind')} checkpoint (a distill_partial.py "
+                            f"branch), not full weights; give the base weights or a train_teacher.py checkpoint")
         if own is not None and own["arch"] != arch:
-            raise UserError(f"--pretrained-file: {pretrained_file} holds a {own['arch']}, not a {arch}")
+            raise UserError(f"{flag}: {pretrained_file} holds a {own['arch']}, not a {arch}")
     try:
         if own is not None:  # a checkpoint of this project: same model kwargs, keep or replace its head
             model = timm.create_model(arch, num_classes=own["num_classes"], **dict(own["model_kwargs"], **extra))
             model.load_state_dict(own["model"])
             if own["num_classes"] != num_classes:
                 model.reset_classifier(num_classes)
-        elif pretrained_file:
-            model = timm.create_model(arch, pretrained=True, num_classes=num_classes,
-                                      pretrained_cfg_overlay=dict(file=pretrained_file), **kwargs)
         else:
-            model = timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **kwargs)
+            model = timm.create_model(arch, pretrained=pretrained and not pretrained_file, num_classes=num_classes,
+                                      **kwargs)
+    except TypeError as e:   # a keyword the model does not take
+        raise UserError(f"--model-kwargs: {arch} rejects them ({str(e).splitlines()[0][:150]}); see its timm "
+                        f"constructor for the accepted names") from None
     except (RuntimeError, OSError, ValueError) as e:
         if pretrained and not pretrained_file:
             raise UserError(f"could not fetch pretrained weights for {arch} ({type(e).__name__}); check the network, "
                             f"or download them elsewhere and pass --pretrained-file PATH") from None
         raise UserError(f"could not build {arch} from {pretrained_file or 'scratch'}: {str(e).splitlines()[0][:200]}") from None
+    if pretrained_file and own is None:
+        load_weights(model, pretrained_file, flag)
     return model
 
 
@@ -280,7 +513,13 @@ def model_data_config(model, image_size=None):
     image_size overrides the input size, for datasets with a native size (Fashion-MNIST: 32)."""
     from timm.data import resolve_data_config
     cfg = resolve_data_config({}, model=model)
-    size = [3, image_size, image_size] if image_size else list(cfg["input_size"])
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)   # a ViT built for one input size
+    built = list(built) if built and not getattr(model.patch_embed, "dynamic_img_size", False) else None
+    if image_size and built and built != [image_size, image_size]:
+        raise UserError(f"--img-size {image_size}: this {type(model).__name__} is built for {built[0]}-px input; "
+                        f"pass --img-size {built[0]}, or build it for {image_size} px with --model-kwargs "
+                        f"img_size={image_size}")
+    size = [3, image_size, image_size] if image_size else [3, *built] if built else list(cfg["input_size"])
     return {"input_size": size, "mean": list(cfg["mean"]), "std": list(cfg["std"]),
             "interpolation": cfg["interpolation"], "crop_pct": float(cfg["crop_pct"])}
 
@@ -406,7 +645,9 @@ def evaluate(model, loader, device=None, autocast=contextlib.nullcontext):
             correct += (model(x).argmax(1) == y).sum().item()
         total += len(y)
     correct, total = all_sum([correct, total], device)
-    return 100.0 * correct / max(1, total)
+    if total == 0:
+        raise UserError("no readable validation image: every one was skipped; replace the broken files in --data-dir")
+    return 100.0 * correct / total
 
 
 def restore_training(ckpt, path, opt, scaler):
@@ -419,11 +660,12 @@ def restore_training(ckpt, path, opt, scaler):
     return ckpt["epoch"], ckpt["step"], ckpt["best_metric"]
 
 
-def start_epoch(loader, epoch, seed, rank):
+def start_epoch(loader, epoch, seed, rank, skip_batches=0):
     """Everything random in an epoch (order, augmentation, dropout, PGD starts) follows from
-    (seed, epoch, rank): resuming at an epoch boundary replays exactly what an uninterrupted run does."""
+    (seed, epoch, rank): resuming at an epoch boundary replays exactly what an uninterrupted run does.
+    A mid-epoch resume skips the batches already trained on; its random state comes from the checkpoint."""
     torch.manual_seed(seed * 100_003 + epoch * 1_009 + rank)
-    set_loader_epoch(loader, epoch, seed)
+    set_loader_epoch(loader, epoch, seed, skip_batches)
 
 
 def set_lr(opt, lr):
@@ -435,24 +677,46 @@ def progress(loader, rank, desc):
     return tqdm(loader, desc=desc, disable=rank != 0, leave=False, dynamic_ncols=True)
 
 
+def check_train_args(args):
+    """The shared data, model, optimisation and run flags (train_teacher.py, distill_partial.py): mistakes
+    caught before anything is loaded or written."""
+    check_data_args(args)
+    check_aug_args(args)
+    parse_kwargs(args.model_kwargs)
+    for flag, value, ok, want in (
+            ("--epochs", args.epochs, args.epochs >= 1, "at least 1"),
+            ("--lr", args.lr, args.lr > 0, "a positive learning rate, e.g. 0.1 (SGD) or 1e-3 (AdamW)"),
+            ("--momentum", args.momentum, 0 <= args.momentum < 1, "a value in [0, 1), e.g. 0.9"),
+            ("--weight-decay", args.weight_decay, args.weight_decay >= 0, "a value >= 0"),
+            ("--smoothing", args.smoothing, 0 <= args.smoothing < 1, "a value in [0, 1), e.g. 0.1"),
+            ("--warmup-epochs", args.warmup_epochs, 0 <= args.warmup_epochs <= args.epochs, "0 to --epochs"),
+            ("--ssfd-peak", args.ssfd_peak, 0 < args.ssfd_peak < 1, "a fraction in (0, 1), e.g. 0.3"),
+            ("--drop-path", args.drop_path, 0 <= args.drop_path < 1, "a rate in [0, 1)"),
+            ("--stop-after", args.stop_after, args.stop_after >= 0, "0 (off) or an epoch"),
+            ("--save-every", args.save_every, args.save_every >= 0, "0 (epoch ends only) or a number of steps")):
+        if not ok:
+            raise UserError(f"{flag} {value:g}: give {want}")
+    if args.pretrained_file and args.pretrained:
+        raise UserError("--pretrained and --pretrained-file both given; keep one")
+    for flag, path in (("--resume", args.resume), ("--pretrained-file", args.pretrained_file)):
+        if path and not os.path.isfile(path):
+            raise UserError(f"{flag}: file {path} does not exist")
+    check_output(args.output, args.resume, args.overwrite)
+
+
 def check_args(args):
     """Input mistakes, caught before any data or model is loaded."""
+    check_train_args(args)
     if args.adv != "none":
         if args.adv_norm == "linf" and (args.adv_eps > 0.5 or args.adv_step > 0.5):
             raise UserError(f"--adv-eps {args.adv_eps:g} / --adv-step {args.adv_step:g} look like 0-255 units; give them "
                             f"in [0, 1], e.g. --adv-eps 8/255 --adv-step 2/255")
         if args.adv_eps <= 0 or args.adv_steps < 1:
             raise UserError("--adv pgd needs --adv-eps > 0 and --adv-steps >= 1")
-    if args.jsd and args.aug != "augmix":
-        raise UserError("--jsd needs AugMix views; add --aug augmix")
-    if args.pretrained_file and args.pretrained:
-        raise UserError("--pretrained and --pretrained-file both given; keep one")
-    for flag in ("resume", "init_checkpoint", "pretrained_file"):
-        path = getattr(args, flag)
-        if path and not os.path.isfile(path):
-            raise UserError(f"--{flag.replace('_', '-')}: file {path} does not exist")
-    if args.epochs < 1:
-        raise UserError("--epochs must be at least 1")
+    if args.jsd < 0 or (args.jsd and args.aug != "augmix"):
+        raise UserError("--jsd needs AugMix views and a weight >= 0; add --aug augmix (e.g. --jsd 12)")
+    if args.init_checkpoint and not os.path.isfile(args.init_checkpoint):
+        raise UserError(f"--init-checkpoint: file {args.init_checkpoint} does not exist")
 
 
 def run_main(fn, argv, parser):
@@ -470,10 +734,16 @@ def run_main(fn, argv, parser):
 
 # ----------------------------------------------------------------------------- main
 
+def model_checkpoint(args, kwargs, classes, cfg, net, opt, scaler, world):
+    """The parts of a train_teacher.py checkpoint that do not depend on where in the run it is written."""
+    return dict(schema=SCHEMA, kind="model", arch=args.arch, model_kwargs=kwargs, num_classes=len(classes),
+                class_names=classes, data_config=cfg, model=net.model.state_dict(), optimizer=opt.state_dict(),
+                scaler=scaler.state_dict() if scaler.is_enabled() else None, world=world, args=vars(args))
+
+
 def train(args):
     check_args(args)
     rank, world, device = setup_distributed(args.device, args.deterministic)
-    log = RunLog(args.output, rank, args)
     torch.manual_seed(args.seed)
 
     # The class count (from the folder names) decides the head; the model's data config the transforms.
@@ -481,16 +751,22 @@ def train(args):
     classes = class_names(args.dataset, args.data_dir)
     kwargs = parse_kwargs(args.model_kwargs)
     extra = {"drop_path_rate": args.drop_path} if args.drop_path else {}
-    model = create_model(args.arch, len(classes), args.pretrained, args.pretrained_file, kwargs, **extra)
     start = None
     if args.resume or args.init_checkpoint:
         flag = "--resume" if args.resume else "--init-checkpoint"
         start = load_checkpoint(args.resume or args.init_checkpoint, flag)
+        if args.resume:
+            check_resume(start, args, "model", "train_teacher.py", world)
+        elif start.get("kind") != "model":
+            raise UserError(f"--init-checkpoint: {args.init_checkpoint} is a {start.get('kind')} checkpoint, not a "
+                            f"train_teacher.py model")
         if start.get("arch") != args.arch or start.get("num_classes") != len(classes):
             raise UserError(f"{flag}: {args.resume or args.init_checkpoint} holds a {start.get('arch')} with "
                             f"{start.get('num_classes')} classes; this run builds a {args.arch} with {len(classes)}")
+    model = create_model(args.arch, len(classes), args.pretrained, args.pretrained_file, kwargs, **extra)
+    if start is not None:
         model.load_state_dict(start["model"])
-    cfg = model_data_config(model, native_size(args.dataset))
+    cfg = model_data_config(model, args.img_size or native_size(args.dataset))
 
     n_aug = 2 if args.jsd else (1 if args.aug == "augmix" else 0)
     train_tf, eval_tf = image_transforms(args.dataset, cfg)
@@ -503,6 +779,9 @@ def train(args):
     if len(train_loader) == 0:
         raise UserError(f"-b/--batch-size {args.batch_size} x {world} processes is larger than the "
                         f"{len(train_set)} training images; lower it")
+    log = RunLog(args.output, rank, args, args.overwrite, start["step"] if args.resume else 0)
+    if args.resume and rank == 0:
+        restore_best(start, args.resume, args.output)
 
     net = Normalized(model, cfg).to(device)
     if args.channels_last:
@@ -512,10 +791,10 @@ def train(args):
 
     opt = build_optimizer(net.parameters(), args.opt, args.lr, args.weight_decay, args.momentum, device)
     autocast, scaler = amp_setup(device, args.amp, args.amp_dtype)
-    epoch, step, best, acc = 0, 0, -1.0, None
+    epoch, step, best, acc, best_step, skip = 0, 0, -1.0, None, None, 0
     if args.resume:
         epoch, step, best = restore_training(start, args.resume, opt, scaler)
-        acc = start["metric"]
+        acc, best_step, skip = start["metric"], start.get("best_step"), start.get("batch", 0)
     total = args.epochs * len(train_loader)
     warmup = int(args.warmup_epochs * len(train_loader))
     lr = lr_at(step, total, args.lr, args.sched, warmup, args.ssfd_peak)
@@ -529,11 +808,14 @@ def train(args):
 
     t_start = time.time()
     while epoch < args.epochs:
-        start_epoch(train_loader, epoch, args.seed, rank)
+        start_epoch(train_loader, epoch, args.seed, rank, skip)
         net.train()
         t0, seen, loss_sum, skipped0 = time.time(), 0, 0.0, skipped_images(train_set)
+        if skip:   # mid-epoch resume: this rank's random state and epoch counters as they were
+            mid = restore_rank_state(start["ranks"], rank, device)
+            seen, loss_sum, skipped0 = mid["seen"], mid["loss_sum"], skipped0 - mid["skipped"]
         bar = progress(train_loader, rank, f"epoch {epoch + 1}/{args.epochs}")
-        for batch in bar:
+        for i, batch in enumerate(bar, skip):
             if batch is None:
                 continue
             views, y = batch
@@ -559,25 +841,28 @@ def train(args):
             seen += len(y) * world
             loss_sum += loss.item()
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.time() - t0):.0f}")
+            if args.save_every and step % args.save_every == 0 and i + 1 < len(train_loader):
+                ranks = rank_states(device, seen=seen, loss_sum=loss_sum, skipped=skipped_images(train_set) - skipped0)
+                if rank == 0:
+                    save_run(args.output, dict(model_checkpoint(args, kwargs, classes, cfg, net, opt, scaler, world),
+                                               epoch=epoch, step=step, batch=i + 1, ranks=ranks, metric=acc,
+                                               best_metric=best, best_step=best_step), False)
+        skip = 0
         epoch += 1
         train_time = time.time() - t0
         acc = evaluate(fwd, val_loader, device, autocast)
         skipped = all_sum([skipped_images(train_set) - skipped0], device)[0]
         is_best = acc > best
-        best = max(best, acc)
+        best, best_step = max(best, acc), step if is_best else best_step
         metrics = dict(epoch=epoch, step=step, lr=lr, train_loss=loss_sum / max(1, len(train_loader)), val_acc=acc,
                        best_acc=best, epoch_time_s=round(train_time, 2), img_s=round(seen / train_time, 1),
                        skipped_images=int(skipped))
         log(f"epoch {epoch}: loss {metrics['train_loss']:.4f}  val top-1 {acc:.2f}%  ({train_time:.0f}s, "
             f"{metrics['img_s']:.0f} img/s{f', {int(skipped)} unreadable images skipped' if skipped else ''})", **metrics)
         if rank == 0:
-            ckpt = dict(schema=SCHEMA, kind="model", arch=args.arch, model_kwargs=kwargs, num_classes=len(classes),
-                        class_names=classes, data_config=cfg, model=net.model.state_dict(),
-                        optimizer=opt.state_dict(), scaler=scaler.state_dict() if scaler.is_enabled() else None,
-                        epoch=epoch, step=step, metric=acc, best_metric=best, args=vars(args))
-            save_checkpoint(ckpt, os.path.join(args.output, "last.pt"))
-            if is_best:
-                save_checkpoint(dict(ckpt, optimizer=None, scaler=None), os.path.join(args.output, "best.pt"))
+            save_run(args.output, dict(model_checkpoint(args, kwargs, classes, cfg, net, opt, scaler, world),
+                                       epoch=epoch, step=step, batch=0, ranks=None, metric=acc, best_metric=best,
+                                       best_step=best_step), is_best)
         if args.stop_after and epoch >= args.stop_after:
             break
     agree = ranks_agree(net, device)
@@ -585,6 +870,7 @@ def train(args):
                   train_time_s=round(time.time() - t_start, 2),
                   trainable_params=sum(p.numel() for p in net.parameters()), ranks_agree=agree)
     log("final: " + json.dumps(result), final=result)
+    log.close()
     return result
 
 
