@@ -72,3 +72,28 @@ def test_runs_made_before_a_new_flag_are_reused(tmp_path):
     assert pipeline.finished(str(tmp_path), argv)
     assert not pipeline.finished(str(tmp_path), argv + ["--deterministic"])
     assert not pipeline.finished(str(tmp_path), argv + ["--epochs", "3"])
+
+
+def test_ablation_and_routing_tables_read_the_results():
+    def student(clean, views, extra, to_clean):
+        heads = {}
+        for i, h in enumerate(("clean", "robust", "combined", "auto")):
+            heads[h] = {"sets": {"clean": {"top1": clean + i}, "augmix": {"top1": views + i}},
+                        "c": {"extra_mean_acc": extra + i}}
+        heads["auto"]["routing"] = {"sets": {"clean": {"to_clean": to_clean}, "C all": {"auto": 60.0, "oracle": 62.0},
+                                             **{f"C severity {s}": {"to_clean": 100 - s} for s in (1, 5)}},
+                                    "away_at_5_where_better": 7.0}
+        return heads
+    models = {f"{name}:{h}": m for name, args in (("method", (70, 60, 65, 95.0)), ("no teacher", (71, 61, 66, 94.0)))
+              for h, m in student(*args).items()}
+    table = pipeline.ablation_table({"models": models}, {"method": {"student_on_views": 74.1, "teacher_on_views": 80.7,
+                                                                    "train_time_s": 12.5}})
+    lines = table.splitlines()
+    assert lines[2] == ("| method | 73.00 / 71.00 / 72.00 | 63.00 / 61.00 / 62.00 | 68.00 / 66.00 / 67.00 | 95.0 | "
+                        "74.10 / 80.70 | 12.5 |")
+    assert lines[3].startswith("| no teacher | 74.00 / 72.00 / 73.00 |") and lines[3].endswith("| - | - |")
+    assert lines[-1] == "| (original = every clean head) | 70.00 | 60.00 | 65.00 | - | - | - |"
+    routing = pipeline.routing_table({"models": {"method-s0:auto": models["method:auto"],
+                                                 "method-s1:auto": models["no teacher:auto"]}}).splitlines()
+    assert routing[2] == ("| method | 94.50 +- 0.71 | 1.00 +- 0.00 | 5.00 +- 0.00 | 7.00 +- 0.00 | "
+                          "60.00 +- 0.00 / 62.00 +- 0.00 |")
