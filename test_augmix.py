@@ -14,13 +14,7 @@ import data
 TV = v2.AugMix(all_ops=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small per-image ops run faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def colour_images(n, h=32, w=40, seed=0):

@@ -27,13 +27,7 @@ FM = ["--dataset", "fashion-mnist", "-j", "0", "--device", "cpu"]  # pinned CPU 
 
 # ----------------------------------------------------------------------------- fixtures and helpers
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run ~10x faster on one thread than on two contended ones (OpenMP waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

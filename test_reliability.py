@@ -31,12 +31,7 @@ VIT = ["vit_tiny_patch16_224", "--model-kwargs", "img_size=32", "patch_size=8", 
 SCRIPTS = {"train": train_teacher, "distill": distill_partial, "eval": evaluate}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_folder(root, size=32, n=4, classes=("cat", "dog"), broken_val=False):
@@ -262,21 +257,27 @@ def test_best_pt_is_rederived_on_resume(runs, tmp_path):
     assert b["optimizer"] is None and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_distill_mid_epoch_resume_equals_uninterrupted(runs, tmp_path, monkeypatch):
-    argv = FMNIST + D + ["--epochs", "2", "--save-every", "2", "--branch-dropout", "0.2", "--aug-severity", "5"]
-    distill_partial.main(argv + ["--output", str(tmp_path / "a")])
+def interrupt_distill(monkeypatch, argv, after):
+    """distill_partial.main(argv), stopped by a KeyboardInterrupt as training step after + 1 starts."""
     step, calls = distill_partial.train_step, []
 
     def interrupted(*a, **k):
         calls.append(1)
-        if len(calls) == 6:   # steps 1-5 done (3 an epoch); last.pt written at step 4, one batch into epoch 2
+        if len(calls) == after + 1:
             raise KeyboardInterrupt
         return step(*a, **k)
 
     with monkeypatch.context() as m:
         m.setattr(distill_partial, "train_step", interrupted)
         with pytest.raises(KeyboardInterrupt):
-            distill_partial.main(argv + ["--output", str(tmp_path / "b")])
+            distill_partial.main(argv)
+
+
+def test_distill_mid_epoch_resume_equals_uninterrupted(runs, tmp_path, monkeypatch):
+    argv = FMNIST + D + ["--epochs", "2", "--save-every", "2", "--branch-dropout", "0.2", "--aug-severity", "5"]
+    distill_partial.main(argv + ["--output", str(tmp_path / "a")])
+    # steps 1-5 done (3 an epoch); last.pt written at step 4, one batch into epoch 2
+    interrupt_distill(monkeypatch, argv + ["--output", str(tmp_path / "b")], after=5)
     mid = load_checkpoint(str(tmp_path / "b" / "last.pt"))
     assert (mid["epoch"], mid["step"], mid["batch"]) == (1, 4, 1)
     distill_partial.main(argv + ["--resume", str(tmp_path / "b" / "last.pt"), "--output", str(tmp_path / "c")])
@@ -296,18 +297,8 @@ def test_mid_epoch_resume_with_batched_augmix_tune_first_and_kd_target(runs, tmp
                      "--aug-device", "cuda", "--device", "cpu", "--calib-size", "16", "--epochs", "2",
                      "--save-every", "2"]
     distill_partial.main(argv + ["--output", str(tmp_path / "a")])
-    step, calls = distill_partial.train_step, []
-
-    def interrupted(*a, **k):
-        calls.append(1)
-        if len(calls) == 6:   # steps 1-5 done (3 an epoch); last.pt written at step 4, one batch into epoch 2
-            raise KeyboardInterrupt
-        return step(*a, **k)
-
-    with monkeypatch.context() as m:
-        m.setattr(distill_partial, "train_step", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            distill_partial.main(argv + ["--output", str(tmp_path / "b")])
+    # steps 1-5 done (3 an epoch); last.pt written at step 4, one batch into epoch 2
+    interrupt_distill(monkeypatch, argv + ["--output", str(tmp_path / "b")], after=5)
     last = str(tmp_path / "b" / "last.pt")
     mid = load_checkpoint(last)
     assert (mid["epoch"], mid["step"], mid["batch"], mid["at"], mid["kd_target"]) == (1, 4, 1, "start", "teacher")
