@@ -739,9 +739,8 @@ def routing_summary(routing, corruptions, severities):
 def routing_table(name, r):
     """Markdown: one row per set of a routed column's diagnostics."""
     sets = r["sets"]
-    order = [k for k in sets if not k.startswith(("C ", "extra "))]
-    order = [k for k in ("clean",) if k in sets] + [k for k in sets if k.startswith(("C ", "extra "))] + \
-        [k for k in order if k != "clean"]
+    pooled = lambda k: k.startswith(("C ", "extra "))
+    order = sorted(sets, key=lambda k: (k != "clean", not pooled(k)))   # clean, pooled rows, then per set
     lines = [f"routing of {name} (top-1 % per head; oracle = any head right; % of images sent to each head)", "",
              "| set | clean head | robust | combined | auto | oracle | to clean | to robust | to combined |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -103,6 +103,12 @@ def seeds_of(args):
     return [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
 
 
+def method_stage(args):
+    """The stage (and folder) of the method at the first seed: the ablations' reference."""
+    seeds = seeds_of(args)
+    return f"method-s{seeds[0]}" if len(seeds) > 1 else "method"
+
+
 def suffix(args):
     """Evaluation folders and summary of a multi-seed run are its own ('-s0_1_2'): a quick run beside it
     (e.g. --ablate, with the default single seed) never overwrites them."""
@@ -160,7 +166,7 @@ def stages(args):
                                               "--wise-alpha", "0,0.5,1"] + out(f"wise{suffix(args)}")))
     if args.ablate:
         method = data + ["--seed", str(seeds[0])] + student + k + teacher
-        variants = {"method": f"method{tag(seeds[0])}"}
+        variants = {"method": method_stage(args)}
         for name, flags in ABLATIONS.items():
             folder = "ablate/" + "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
             run.append((name, distill_partial, with_flags(method, flags) + out(folder)))
@@ -351,8 +357,7 @@ def main(argv=None):
         text += "\n\nWiSE-FT of complete fine-tuning (alpha 0 = original, 1 = full-ft; no retraining):\n\n"
         text += summary_table(dict(models=wise), records, teacher_time)
     if "ablation" in evals:
-        abl_records = {**{n: records.get(n, {}) for n in ABLATIONS},
-                       "method": records.get(f"method{'-s%d' % seeds_of(args)[0] if len(seeds_of(args)) > 1 else ''}", {})}
+        abl_records = {**{n: records.get(n, {}) for n in ABLATIONS}, "method": records.get(method_stage(args), {})}
         text += "\n\nAblations (validation split + the 4 extra corruptions; never the test set):\n\n"
         text += ablation_table(evals["ablation"], abl_records)
     total = time.time() - t0
