@@ -59,6 +59,7 @@ def get_parser():
     p.add_argument("--augmix-batch", type=int, default=256, help="batch of the device AugMix measurement")
     p.add_argument("--tune-last", default=None, help="(internal) time one K in this process and print JSON")
     p.add_argument("--data-images", type=int, default=400, help="images per data-pipeline measurement")
+    p.add_argument("--corrupt-batch", type=int, default=16, help="batch of the corruption measurement")
     p.add_argument("--output", default=None, help="also write the results as JSON here")
     return p
 
@@ -174,6 +175,18 @@ def bench_infer(args, device):
     return dict(original_img_s=args.batch_size / t0, auto_head_img_s=args.batch_size / t1, cost_ratio=t1 / t0)
 
 
+def bench_forward(args, device, batch):
+    """images/s of the student's plain forward pass (eval, no grad) at its input size on `batch` images."""
+    arch = STUDENT_ALIASES.get(args.student, args.student)
+    model = create_model(arch, args.num_classes, model_kwargs=parse_kwargs(args.model_kwargs))
+    cfg = model_data_config(model, parse_kwargs(args.model_kwargs).get("img_size"))
+    original = Normalized(model, cfg).to(device).eval()
+    x = torch.rand(batch, 3, *original.size).to(device)
+    autocast, _ = amp_setup(device, args.amp, "bf16")
+    with torch.no_grad(), autocast():
+        return batch / timed(lambda: original(x), args.steps, args.warmup, device)
+
+
 def bench_data(n):
     """Images/s of one data-loading worker (one thread), for each view recipe."""
     torch.set_num_threads(1)
@@ -257,10 +270,15 @@ def main(argv=None):
         print(f"AugMix, images/s: one CPU worker vs batched on {device.type} (batch {args.augmix_batch})\n" +
               table([results["augmix"]], list(results["augmix"])) + "\n")
     if "corrupt" in sections:
-        results["corrupt"] = {s: data.measure_corruption_throughput(s, 64 if s <= 64 else 16, device) for s in (32, 224)}
-        rows = [dict(corruption=c, px32=results["corrupt"][32][c], px224=results["corrupt"][224][c])
-                for c in results["corrupt"][32]]
-        print("Corruption generation, images/s\n" + table(rows, ["corruption", "px32", "px224"]) + "\n")
+        batch = args.corrupt_batch
+        results["corrupt"] = {s: data.measure_corruption_throughput(s, batch, device) for s in (32, 224)}
+        forward = bench_forward(args, device, batch)
+        results["corrupt"]["forward_img_s"] = forward
+        rows = [dict(corruption=c, px32=results["corrupt"][32][c], px224=results["corrupt"][224][c],
+                     cost_vs_forward_224=forward / results["corrupt"][224][c]) for c in results["corrupt"][32]]
+        print(f"Corruption generation on {device.type}, images/s (batch {batch}, severities 1-5), and its time at "
+              f"224 px over the forward pass of {args.student} on the same batch ({forward:.0f} img/s)\n"
+              + table(rows, ["corruption", "px32", "px224", "cost_vs_forward_224"]) + "\n")
     if "eval" in sections:
         results["eval"] = bench_eval(device)
         print("Evaluation, images/s (32 px, batch 256)\n" + table([results["eval"]], list(results["eval"])) + "\n")
