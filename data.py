@@ -598,11 +598,12 @@ class ResumableSampler(DistributedSampler):
         return iter([(epoch_seed, i) for i in list(super().__iter__())[self.start:]])
 
 
-def make_loader(dataset, batch_size, workers, train, rank=0, world=1, seed=0):
+def make_loader(dataset, batch_size, workers, train, rank=0, world=1, seed=0, pin=False):
     """Train: shuffled, sharded over ranks (one code path also when alone), last partial batch dropped,
     augmentation seeded per item; call set_loader_epoch before each epoch. Eval: blocks of consecutive
-    images, unpadded, each image on exactly one rank."""
-    common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), collate_fn=collate_skip)
+    images, unpadded, each image on exactly one rank. pin: page-locked batches (when training on CUDA;
+    never on the CPU, where it only touches CUDA, which a forked child cannot)."""
+    common = dict(num_workers=workers, pin_memory=pin, collate_fn=collate_skip)
     if not train:
         return DataLoader(dataset, batch_sampler=BlockSampler(len(dataset), batch_size, rank, world), **common)
     sampler = ResumableSampler(dataset, world, rank, seed)

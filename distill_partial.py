@@ -659,9 +659,10 @@ def distill(args):
     train_set, val_set = build_datasets(args.dataset, args.data_dir, train_views, Views(eval_tf),
                                         args.train_subset, args.val_subset)
     train_set, calib_set = holdout(train_set, args.calib_size, args.seed)
-    train_loader = make_loader(train_set, args.batch_size, args.workers, True, rank, world, args.seed)
-    val_loader = make_loader(val_set, args.batch_size, args.workers, False, rank, world)
-    calib_loader = make_loader(with_transform(calib_set, Views(eval_tf)), args.batch_size, args.workers, False) \
+    pin = device.type == "cuda"
+    train_loader = make_loader(train_set, args.batch_size, args.workers, True, rank, world, args.seed, pin)
+    val_loader = make_loader(val_set, args.batch_size, args.workers, False, rank, world, pin=pin)
+    calib_loader = make_loader(with_transform(calib_set, Views(eval_tf)), args.batch_size, args.workers, False, pin=pin) \
         if calib_set is not None else None
     if len(train_loader) == 0:
         raise UserError(f"-b/--batch-size {args.batch_size} x {world} processes is larger than the "

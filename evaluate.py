@@ -586,7 +586,7 @@ def evaluate_tasks(tasks, cols, args, cfg, device, rank, world):
                    block=args.batch_size if task.generated or task.set == "pgd" else None)  # per-block seeds
 
         def compute(todo):
-            loader = make_loader(task.dataset(), args.batch_size, args.workers, False, rank, world)
+            loader = make_loader(task.dataset(), args.batch_size, args.workers, False, rank, world, pin=device.type == "cuda")
             todo_cols = [task_cols[i] for i in todo]
             got = score(todo_cols, loader, task, device, fp32 if task.set == "pgd" else autocast, args.seed,
                         args.frost_dir, attack, rank, world)
@@ -635,7 +635,8 @@ def linear_probe(train_x, train_y, val_x, val_y, num_classes, weight_decay=1e-4,
 def extract(fn, dataset, args, device, autocast, rank, world, desc):
     """Features and labels of a whole dataset, gathered from every rank in the single-process order."""
     blocks = []
-    for i, batch in enumerate(progress(make_loader(dataset, args.batch_size, args.workers, False, rank, world), rank, desc)):
+    loader = make_loader(dataset, args.batch_size, args.workers, False, rank, world, pin=device.type == "cuda")
+    for i, batch in enumerate(progress(loader, rank, desc)):
         if batch is not None:
             with autocast():
                 blocks.append((rank + i * world, fn(batch[0].to(device)).float().cpu(), batch[1]))

@@ -177,8 +177,11 @@ def test_lock_refuses_a_second_live_run(runs, capsys):
 
 # ----------------------------------------------------------------------------- kills and resumes
 
-KILL_ARGV = ["--arch", *CNN, "--aug", "augmix", "--drop-path", "0.1", "--epochs", "3", "--save-every", "1",
-             "--opt", "adamw", "--lr", "3e-3", "-b", "4", "-j", "0", "--img-size", "32"]
+# On the CPU explicitly: bit-exact resume on CUDA needs --deterministic (test_smoke.py tests that). Known gap:
+# on a CUDA machine the forked children still fail (torch.optim queries CUDA, which a child forked after the
+# parent used it cannot), so this test passes on CPU-only machines only.
+KILL_ARGV = ["--arch", *CNN, "--device", "cpu", "--aug", "augmix", "--drop-path", "0.1", "--epochs", "3",
+             "--save-every", "1", "--opt", "adamw", "--lr", "3e-3", "-b", "4", "-j", "0", "--img-size", "32"]
 
 
 def child_run(argv, slow_saves):

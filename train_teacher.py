@@ -774,8 +774,9 @@ def train(args):
                                     args.aug_depth, args.aug_all_ops)
     train_set, val_set = build_datasets(args.dataset, args.data_dir, train_views, Views(eval_tf),
                                         args.train_subset, args.val_subset)
-    train_loader = make_loader(train_set, args.batch_size, args.workers, True, rank, world, args.seed)
-    val_loader = make_loader(val_set, args.batch_size, args.workers, False, rank, world)
+    pin = device.type == "cuda"
+    train_loader = make_loader(train_set, args.batch_size, args.workers, True, rank, world, args.seed, pin)
+    val_loader = make_loader(val_set, args.batch_size, args.workers, False, rank, world, pin=pin)
     if len(train_loader) == 0:
         raise UserError(f"-b/--batch-size {args.batch_size} x {world} processes is larger than the "
                         f"{len(train_set)} training images; lower it")
