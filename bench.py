@@ -156,12 +156,17 @@ def bench_train(args, argv):
     return rows
 
 
-@torch.no_grad()
-def bench_infer(args, device):
+def build_original(args, device):
+    """The student model (random weights) with its data config, and its normalized eval-mode copy on device."""
     arch = STUDENT_ALIASES.get(args.student, args.student)
     model = create_model(arch, args.num_classes, model_kwargs=parse_kwargs(args.model_kwargs))
     cfg = model_data_config(model, parse_kwargs(args.model_kwargs).get("img_size"))
-    original = Normalized(model, cfg).to(device).eval()
+    return model, cfg, Normalized(model, cfg).to(device).eval()
+
+
+@torch.no_grad()
+def bench_infer(args, device):
+    model, cfg, original = build_original(args, device)
     student = BranchStudent(model, cfg, max(1, depth(model) // 6)).to(device).eval()
     student.tau = 0.0
     x = torch.rand(args.batch_size, 3, *original.size).to(device)
@@ -177,10 +182,7 @@ def bench_infer(args, device):
 
 def bench_forward(args, device, batch):
     """images/s of the student's plain forward pass (eval, no grad) at its input size on `batch` images."""
-    arch = STUDENT_ALIASES.get(args.student, args.student)
-    model = create_model(arch, args.num_classes, model_kwargs=parse_kwargs(args.model_kwargs))
-    cfg = model_data_config(model, parse_kwargs(args.model_kwargs).get("img_size"))
-    original = Normalized(model, cfg).to(device).eval()
+    original = build_original(args, device)[2]
     x = torch.rand(batch, 3, *original.size).to(device)
     autocast, _ = amp_setup(device, args.amp, "bf16")
     with torch.no_grad(), autocast():

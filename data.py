@@ -1168,7 +1168,7 @@ def spatter(x, severity, gen):
     lut = torch.round((cdf - first) * 255 / (h * w - first).clamp_min(1)).clamp(0, 255)
     dist = lut.gather(1, idx).view(b, 1, h, w)
     emboss = torch.tensor([[-2., -1, 0], [-1, 1, 1], [0, 1, 2]], device=x.device)
-    dist = F.conv2d(F.pad(dist, (1, 1, 1, 1), mode="reflect"), emboss[None, None]).clamp(0, 255)
+    dist = _filter2d(dist, emboss).clamp(0, 255)  # cv2.filter2D, reflect-101 borders
     m = liquid * _box3(dist)
     m = m / m.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12) * c[4]
     turquoise = torch.tensor([175, 238, 238], device=x.device).view(1, 3, 1, 1) / 255
