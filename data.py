@@ -1201,16 +1201,19 @@ def _canny(img, low, high):
 def _distance_to(edges, cap):
     """Euclidean distance of each pixel to the nearest True pixel of edges [B, 1, H, W], cut at cap
     (cv2.distanceTransform(255 - edges, DIST_L2, 5) then THRESH_TRUNC at cap): per-row distances to the
-    nearest edge, then the minimum over rows within cap, in exact integer squares (int16 where they fit:
-    half the memory traffic of float32)."""
-    b, _, h, w = edges.shape
+    nearest edge, then the minimum over rows within cap, in exact integers (int16 where they fit: half
+    the memory traffic of float32)."""
+    h = edges.shape[-2]
     r = int(cap) + 1
-    far = w + r
-    dtype = torch.int16 if max(2 * far, 2 * r * r) < 2 ** 15 else torch.int32
-    col = torch.arange(w, device=edges.device, dtype=dtype).expand(b, 1, h, w)
-    left = torch.where(edges, col, -far).cummax(-1).values
-    right = torch.where(edges, col, 2 * far).flip(-1).cummin(-1).values.flip(-1)
-    row = torch.minimum(col - left, right - col).clamp_(max=r)
+    dtype = torch.int16 if 2 * r * r < 2 ** 15 else torch.int32
+    left = torch.where(edges, 0, r).to(dtype)  # distance to the nearest edge on the left, then right
+    right = left.clone()
+    step = 1
+    while step < r:  # by doubling: after steps 1, 2, ..., s every distance below 2 s is exact
+        left[..., step:] = torch.minimum(left[..., step:], left[..., :-step] + step)
+        right[..., :-step] = torch.minimum(right[..., :-step], right[..., step:] + step)
+        step *= 2
+    row = torch.minimum(left, right).clamp_(max=r)
     row = row * row
     padded = F.pad(row, (0, 0, r, r), value=r * r)
     best, shifted = row.clone(), torch.empty_like(row)

@@ -4,6 +4,7 @@ artifacts right, an ImageFolder runs at its own size. CPU, tiny models, in-proce
     HF_HUB_OFFLINE=1 python -m pytest -q test_reliability.py
 """
 import json
+import multiprocessing
 import os
 import random
 import signal
@@ -177,19 +178,27 @@ def test_lock_refuses_a_second_live_run(runs, capsys):
 
 # ----------------------------------------------------------------------------- kills and resumes
 
-# On the CPU explicitly: bit-exact resume on CUDA needs --deterministic (test_smoke.py tests that). Known gap:
-# on a CUDA machine the forked children still fail (torch.optim queries CUDA, which a child forked after the
-# parent used it cannot), so this test passes on CPU-only machines only.
+# On the CPU explicitly: bit-exact resume on CUDA needs --deterministic (test_smoke.py tests that).
 KILL_ARGV = ["--arch", *CNN, "--device", "cpu", "--aug", "augmix", "--drop-path", "0.1", "--epochs", "3",
              "--save-every", "1", "--opt", "adamw", "--lr", "3e-3", "-b", "4", "-j", "0", "--img-size", "32"]
 
 
 def child_run(argv, slow_saves):
-    """Fork: the child runs train_teacher.main(argv), each torch.save slowed (a wider window to be killed
-    in, half way through the write); the parent gets its pid. No new interpreter, no re-import."""
-    pid = os.fork()
-    if pid:
-        return pid
+    """Start a child that runs train_teacher.main(argv), each torch.save slowed (a wider window to be
+    killed in, half way through the write); returns its multiprocessing.Process. Forked, so no new
+    interpreter and no re-import; from a fork server once this process has used CUDA, whose context
+    does not survive a fork (the server imports this module once and never touches CUDA)."""
+    if torch.cuda.is_initialized():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+    else:
+        ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=child_main, args=(argv, slow_saves))
+    child.start()
+    return child
+
+
+def child_main(argv, slow_saves):
     code = 1
     try:
         torch.set_num_threads(1)
@@ -222,17 +231,17 @@ def test_kill_anywhere_then_resume_equals_uninterrupted(tmp_path):
     kills = 0
     for attempt in range(20):
         last = os.path.join(out, "last.pt")
-        pid = child_run(argv + ["--output", out] + (["--resume", last] if os.path.isfile(last) else ["--overwrite"]),
-                        slow_saves=True)
+        child = child_run(argv + ["--output", out] + (["--resume", last] if os.path.isfile(last) else ["--overwrite"]),
+                          slow_saves=True)
         if attempt % 3 == 2:   # kill while a checkpoint is being written (its temporary file exists)
             deadline = time.time() + 3 * duration
             while time.time() < deadline and not (os.path.isdir(out) and any(f.endswith(".tmp") for f in os.listdir(out))):
                 time.sleep(0.002)
         else:   # anywhere: start-up, a step, an evaluation, a write; ~20 of these cover about one run
             time.sleep(rng.uniform(0, duration / 5))
-        os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        kills += os.WIFSIGNALED(status)
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        kills += child.exitcode == -signal.SIGKILL
     assert kills >= 15   # most attempts really were killed mid-run
     last = os.path.join(out, "last.pt")
     train_teacher.main(argv + ["--output", out] + (["--resume", last] if os.path.isfile(last) else ["--overwrite"]))
