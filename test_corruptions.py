@@ -81,6 +81,8 @@ def test_contract(name):
     torch.testing.assert_close(out64.float(), corrupt(x, name, 3, seed=1), atol=1e-6, rtol=0)
     out16 = corrupt(x.bfloat16(), name, 3, seed=1)
     assert out16.dtype == torch.bfloat16 and out16.min() >= 0 and out16.max() <= 1
+    strided = torch.stack([x, x], -1)[..., 0]  # the same values, not a dense tensor
+    torch.testing.assert_close(corrupt(strided, name, 3, seed=1), corrupt(x, name, 3, seed=1), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("name", ALL)
