@@ -951,25 +951,36 @@ def glass_blur(x, severity, gen):
     x[h, w], x[h', w'] = x[h', w'], x[h, w], assigns numpy views, so it copies the neighbour into (h, w)
     and leaves the neighbour as it was: each visited pixel takes the value its neighbour holds at that
     moment (seconds per 224 px image). Here the same copies, with the same distribution, are composed
-    into one map of pixel indices, a wave of non-overlapping copies at a time (see _sweep_schedule),
-    for the whole batch at once; then one gather moves the pixels. Lengths scale with the image side."""
+    into one map of pixel indices for the whole batch at once, by following each pixel's chain of
+    copies (a handful of gathers on any device); then one gather moves the pixels. The offsets are
+    drawn in _sweep_schedule's wave order (that is what the pinned outputs used). Lengths scale with
+    the image side."""
     c, s = _pick(x, ((.7, 1, 2), (.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2)),
                  ((.1, 1, 1), (.5, 1, 1), (.6, 1, 2), (.7, 2, 1), (.9, 2, 2)),
                  ((.05, 1, 1), (.25, 1, 1), (.4, 1, 1), (.25, 1, 2), (.4, 1, 2)), severity)
     sigma, delta, rounds = c[0] * s, max(1, round(c[1] * s)), c[2]
     b, ch, h, w = x.shape
     x = torch.floor(_gaussian_blur(x, sigma).clamp(0, 1) * 255) / 255  # the reference goes through uint8 here
-    pos, bounds = _sweep_schedule(h, w, delta)
-    n = len(pos)
-    perm = torch.arange(b * h * w)  # perm[p] = the source pixel now at flat position p (image-major)
-    base = (torch.arange(b) * (h * w))[None, :]  # [1, b]
-    here = (pos[:, None] + base).flatten()  # [n * b]: position of each swap, wave order, images inner
+    pos, _ = _sweep_schedule(h, w, delta)  # the visited pixels in the order their offsets are drawn
+    dev, total = x.device, b * h * w
+    rows, cols = torch.arange(h, device=dev)[:, None], torch.arange(w, device=dev)[None, :]
+    visited = (rows > delta) & (rows <= h - delta) & (cols > delta) & (cols <= w - delta)
+    visit = torch.where(visited, (h - delta - rows) * w + (w - delta - cols), h * w).flatten().repeat(b)
+    here = (pos.to(dev)[:, None] + torch.arange(b, device=dev) * (h * w)).flatten()  # images inner
+    ident = torch.arange(total, device=dev)
+    perm = ident  # perm[p] = the source pixel now at flat position p (image-major)
     for _ in range(rounds):
-        off = torch.randint(-delta, delta, (n, b, 2), generator=gen, device=gen.device)
-        there = here + (off[..., 1] * w + off[..., 0]).flatten()  # (dy, dx) as the reference draws (dx, dy)
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            perm[here[lo * b:hi * b]] = perm[there[lo * b:hi * b]]
-    x = x.flatten(2).transpose(1, 2).reshape(b * h * w, ch)[perm.to(x.device)]
+        off = torch.randint(-delta, delta, (len(pos), b, 2), generator=gen, device=gen.device).to(dev)
+        src = ident.clone()
+        src[here] = here + (off[..., 1] * w + off[..., 0]).flatten()  # (dy, dx) as the reference draws (dx, dy)
+        # each pixel is written once, at its visit, with what its source holds then: the source's original
+        # value if the source is visited later (or never), else what the source took. Follow those links
+        # to their end by pointer doubling (chains are short), then compose with the earlier rounds.
+        hop = torch.where(visit[src] < visit, src, ident)
+        while not torch.equal(jump := hop[hop], hop):
+            hop = jump
+        perm = perm[src[hop]]
+    x = x.flatten(2).transpose(1, 2).reshape(total, ch)[perm]
     x = x.view(b, h * w, ch).transpose(1, 2).reshape(b, ch, h, w)
     return _gaussian_blur(x, sigma).clamp_(0, 1)
 
