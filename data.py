@@ -846,13 +846,13 @@ def _poisson(x, top, gen, levels=255, bins=1024):
     second term, small, inverts a second uniform by sequential search; it is drawn only when some f
     exceeds 1e-3 (levels within 1e-3 of an integer count as 8-bit input: rate error < 4e-6 top)."""
     cdf, quantile = _poisson_tables(top, levels, bins, x.device)
-    k_max = cdf.shape[1] - 1
+    row_len = cdf.shape[1]
     cdf, quantile = cdf.view(-1), quantile.view(-1)
     level = x.flatten() * levels
     g = level.add(1e-3).int()  # floor: level >= 0
     u = _rand(level.shape, gen, x.device)
     edge = u.mul(bins).int().add_(g, alpha=bins + 1)
-    row = g * (k_max + 1)
+    row = g * row_len
     draw = quantile.index_select(0, edge)  # quantile of the bin's lower edge: U's when CDF(draw) >= U
     idx = (cdf.index_select(0, row + draw) < u).nonzero()[:, 0]
     lo, hi = draw[idx] + 1, quantile[edge[idx] + 1]  # the upper edge's quantile bounds U's
@@ -935,21 +935,31 @@ def defocus_blur(x, severity, gen):
 
 
 @functools.lru_cache(maxsize=16)
-def _sweep_schedule(h, w, delta):
-    """The reference's glass-blur sweep (rows h-delta .. delta+1 bottom to top, in each the columns
-    w-delta .. delta+1 right to left) cut into waves of moves that touch disjoint pixels.
+def _sweep_order(h, w, delta):
+    """The reference's glass-blur sweep: rows h-delta .. delta+1 bottom to top, in each the columns
+    w-delta .. delta+1 right to left. Returns (the visited flat positions in the order their offsets
+    are drawn, the visit time of every pixel [h * w], h * w for pixels never visited). The draw order
+    is by wave number (last column - q) + 2*delta*(last row - r), the order of an earlier wave-by-wave
+    implementation, kept so the same seed gives the same image."""
+    rows, cols = torch.arange(h)[:, None], torch.arange(w)[None, :]
+    visited = (rows > delta) & (rows <= h - delta) & (cols > delta) & (cols <= w - delta)
+    visit = torch.where(visited, (h - delta - rows) * w + (w - delta - cols), h * w).flatten()
+    wave = (w - delta - cols) + 2 * delta * (h - delta - rows)
+    pos = torch.arange(h * w)[visited.flatten()].flip(0)  # in sweep order, which breaks the wave ties
+    return pos[torch.argsort(wave.flatten()[pos], stable=True)], visit
 
-    A move at (r, q) touches rows r-delta .. r+delta-1 and columns q-delta .. q+delta-1. With the wave
-    number (last column - q) + 2*delta*(last row - r), moves in one wave are 2*delta or more columns
-    apart, and any two moves that share a pixel keep the reference's order: so doing each wave at once
-    composes the very same map. Returns (flat positions in wave order, wave boundaries)."""
-    rows = torch.arange(h - delta, delta, -1)
-    cols = torch.arange(w - delta, delta, -1)
-    wave = (cols[None, :] * -1 + (w - delta)) + 2 * delta * (h - delta - rows[:, None])
-    pos = (rows[:, None] * w + cols[None, :]).flatten()
-    order = torch.argsort(wave.flatten(), stable=True)
-    bounds = torch.cumsum(torch.bincount(wave.flatten()), 0).tolist()
-    return pos[order], [0] + bounds
+
+def _follow_copies(src, visit):
+    """The sweep of the reference done at once: pixel p, at time visit[p], takes the value that pixel
+    src[p] holds then (src[p] = p for pixels never visited). Each pixel is written once, at its visit,
+    so it ends with the original value of src[p] if src[p] is visited later (or never), else with what
+    src[p] took: follow those links to their end by pointer doubling (chains are short). Returns, for
+    each pixel, the pixel whose original value it ends with."""
+    ident = torch.arange(len(src), device=src.device)
+    hop = torch.where(visit[src] < visit, src, ident)
+    while not torch.equal(jump := hop[hop], hop):
+        hop = jump
+    return src[hop]
 
 
 def glass_blur(x, severity, gen):
@@ -960,35 +970,24 @@ def glass_blur(x, severity, gen):
     x[h, w], x[h', w'] = x[h', w'], x[h, w], assigns numpy views, so it copies the neighbour into (h, w)
     and leaves the neighbour as it was: each visited pixel takes the value its neighbour holds at that
     moment (seconds per 224 px image). Here the same copies, with the same distribution, are composed
-    into one map of pixel indices for the whole batch at once, by following each pixel's chain of
-    copies (a handful of gathers on any device); then one gather moves the pixels. The offsets are
-    drawn in _sweep_schedule's wave order (that is what the pinned outputs used). Lengths scale with
-    the image side."""
+    into one map of pixel indices for the whole batch at once (_follow_copies: a handful of gathers on
+    any device); then one gather moves the pixels. Lengths scale with the image side."""
     c, s = _pick(x, ((.7, 1, 2), (.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2)),
                  ((.1, 1, 1), (.5, 1, 1), (.6, 1, 2), (.7, 2, 1), (.9, 2, 2)),
                  ((.05, 1, 1), (.25, 1, 1), (.4, 1, 1), (.25, 1, 2), (.4, 1, 2)), severity)
     sigma, delta, rounds = c[0] * s, max(1, round(c[1] * s)), c[2]
     b, ch, h, w = x.shape
     x = torch.floor(_gaussian_blur(x, sigma).clamp(0, 1) * 255) / 255  # the reference goes through uint8 here
-    pos, _ = _sweep_schedule(h, w, delta)  # the visited pixels in the order their offsets are drawn
+    pos, visit = _sweep_order(h, w, delta)
     dev, total = x.device, b * h * w
-    rows, cols = torch.arange(h, device=dev)[:, None], torch.arange(w, device=dev)[None, :]
-    visited = (rows > delta) & (rows <= h - delta) & (cols > delta) & (cols <= w - delta)
-    visit = torch.where(visited, (h - delta - rows) * w + (w - delta - cols), h * w).flatten().repeat(b)
+    visit = visit.to(dev).repeat(b)
     here = (pos.to(dev)[:, None] + torch.arange(b, device=dev) * (h * w)).flatten()  # images inner
-    ident = torch.arange(total, device=dev)
-    perm = ident  # perm[p] = the source pixel now at flat position p (image-major)
+    perm = torch.arange(total, device=dev)  # perm[p] = the source pixel now at flat position p (image-major)
     for _ in range(rounds):
         off = torch.randint(-delta, delta, (len(pos), b, 2), generator=gen, device=gen.device).to(dev)
-        src = ident.clone()
+        src = torch.arange(total, device=dev)
         src[here] = here + (off[..., 1] * w + off[..., 0]).flatten()  # (dy, dx) as the reference draws (dx, dy)
-        # each pixel is written once, at its visit, with what its source holds then: the source's original
-        # value if the source is visited later (or never), else what the source took. Follow those links
-        # to their end by pointer doubling (chains are short), then compose with the earlier rounds.
-        hop = torch.where(visit[src] < visit, src, ident)
-        while not torch.equal(jump := hop[hop], hop):
-            hop = jump
-        perm = perm[src[hop]]
+        perm = perm[_follow_copies(src, visit)]
     x = x.flatten(2).transpose(1, 2).reshape(total, ch)[perm]
     x = x.view(b, h * w, ch).transpose(1, 2).reshape(b, ch, h, w)
     return _gaussian_blur(x, sigma).clamp_(0, 1)

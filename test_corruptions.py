@@ -403,21 +403,19 @@ def test_cuda_gives_the_cpu_image(name):
 
 
 @pytest.mark.parametrize("delta", [1, 2, 3])
-def test_glass_blur_waves_compose_the_reference_sweep(delta):
-    """The waves of _sweep_schedule, each done at once, give the very map of the reference's sequential
-    loop (bottom-right to top-left; x[h, w] takes the value its neighbour holds at that moment)."""
-    from data import _sweep_schedule
+def test_glass_blur_copies_compose_the_reference_sweep(delta):
+    """_follow_copies gives the very map of the reference's sequential loop (bottom-right to top-left;
+    x[h, w] takes the value its neighbour holds at that moment), for offsets drawn as glass_blur does."""
+    from data import _follow_copies, _sweep_order
     h, w = 11, 13
-    pos, bounds = _sweep_schedule(h, w, delta)
+    pos, visit = _sweep_order(h, w, delta)
     off = torch.randint(-delta, delta, (len(pos), 2), generator=torch.Generator().manual_seed(delta))
-    there = pos + off[:, 1] * w + off[:, 0]
-    waves = torch.arange(h * w)
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        waves[pos[lo:hi]] = waves[there[lo:hi]]
-    step = {int(p): int(t) for p, t in zip(pos, there)}
+    src = torch.arange(h * w)
+    src[pos] = pos + off[:, 1] * w + off[:, 0]
     loop = list(range(h * w))
     for r in range(h - delta, delta, -1):
         for q in range(w - delta, delta, -1):
-            loop[r * w + q] = loop[step[r * w + q]]
-    assert waves.tolist() == loop
-    assert sorted(pos.tolist()) == sorted(step)  # every pixel of the sweep, once
+            loop[r * w + q] = loop[int(src[r * w + q])]
+    assert _follow_copies(src, visit).tolist() == loop
+    swept = sorted(r * w + q for r in range(h - delta, delta, -1) for q in range(w - delta, delta, -1))
+    assert sorted(pos.tolist()) == swept  # every pixel of the sweep, once
