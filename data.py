@@ -382,11 +382,10 @@ def augmix_magnitudes(op, height, width, bins=10):
     return table[op]
 
 
-def _affine(x, ops, mags):
-    """The geometric ops (index ops into AUGMIX_OPS[:5], magnitudes mags, both on the CPU) on x [n, 3, H, W]
-    as torchvision's F.affine / F.rotate compute them: bilinear, zero fill, coordinates of pixel centres
-    relative to the image centre. Only the [n, 2, 3] matrices travel to the device."""
-    h, w = x.shape[-2:]
+def _affine_theta(ops, mags, h, w):
+    """affine_grid's [n, 2, 3] matrices (float32, CPU) of the geometric ops (index ops into AUGMIX_OPS[:5],
+    magnitudes mags, both on the CPU) as torchvision's F.affine / F.rotate define them: coordinates of pixel
+    centres relative to the image centre, each output position mapped to the input position it samples."""
     m = mags.double()
     zero = torch.zeros_like(m)
     inv = torch.eye(3, dtype=torch.float64).repeat(len(ops), 1, 1)  # output position -> input position
@@ -398,8 +397,19 @@ def _affine(x, ops, mags):
     a = torch.deg2rad(m[rot])
     inv[rot, 0, 0], inv[rot, 0, 1], inv[rot, 1, 0], inv[rot, 1, 1] = a.cos(), -a.sin(), a.sin(), a.cos()
     scale = torch.tensor([w / 2, h / 2, 1.0], dtype=torch.float64)  # pixels -> affine_grid's [-1, 1] units
-    theta = (inv / scale[:, None] * scale[None, :])[:, :2].to(x.device, torch.float32)
-    grid = F.affine_grid(theta, [len(ops), 1, h, w], align_corners=False)
+    return (inv / scale[:, None] * scale[None, :])[:, :2].float()
+
+
+def _affine(x, theta):
+    """x [n, 3, H, W] resampled as F.affine_grid(theta, align_corners=False) + bilinear grid_sample with zero
+    fill. The grid is built by broadcasting: affine_grid's [n, H*W, 3] x [n, 3, 2] product runs as a slow
+    float32 GEMM with an inner size of 3 (a third of AugMix's device time at 224 px)."""
+    n, _, h, w = x.shape
+    xs = torch.arange(w, device=x.device, dtype=torch.float32).mul_(2 / w).add_(1 / w - 1)   # pixel centres
+    ys = torch.arange(h, device=x.device, dtype=torch.float32).mul_(2 / h).add_(1 / h - 1).view(h, 1)
+    t = theta.view(n, 2, 3, 1, 1)
+    grid = torch.stack([t[:, 0, 0] * xs + t[:, 0, 1] * ys + t[:, 0, 2],
+                        t[:, 1, 0] * xs + t[:, 1, 1] * ys + t[:, 1, 2]], -1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -421,10 +431,12 @@ def _equalize(x):
 
 
 def augmix_op(x, name, mags):
-    """One AugMix op on a float batch [n, 3, H, W] in [0, 1], magnitude mags[i] (CPU floats) for image i."""
+    """One AugMix op on a float batch [n, 3, H, W] in [0, 1], magnitude mags[i] for image i (the geometric
+    ops take them on the CPU, the others on either device)."""
     n = len(x)
     if name in AUGMIX_OPS[:5]:
-        return _affine(x, torch.full((n,), AUGMIX_OPS.index(name)), mags)
+        theta = _affine_theta(torch.full((n,), AUGMIX_OPS.index(name)), mags.cpu(), *x.shape[-2:])
+        return _affine(x, theta.to(x.device))
     m = mags.to(x.device, torch.float32).view(n, 1, 1, 1)
     if name == "Posterize":  # keep the top `bits` bits of each 8-bit level
         step = 2.0 ** (8 - m)
@@ -474,27 +486,41 @@ def augmix_batch(x, severity=3, width=3, depth=-1, alpha=1.0, all_ops=False, gen
     signed = torch.tensor([augmix_magnitudes(n, h, w)[1] for n in names])
     mags = table[ops, bins] * torch.where(signed[ops], signs, 1.0)
 
-    # the chains side by side as one batch (row i * B + image), one op kind at a time
+    # The chains side by side as one batch (row i * B + image), one op kind at a time, each updated in place.
+    # Every row set, affine matrix and weight is made on the CPU and sent in one transfer: a transfer per op
+    # would wait for the device each time and leave it idle while Python prepares the next op.
     ops, mags = ops.transpose(0, 1).reshape(width * b, n_steps), mags.transpose(0, 1).reshape(width * b, n_steps)
     depths = depths.t().reshape(width * b)
+    plan, rows, values = [], [], []
+    for d in range(n_steps):
+        live = depths > d
+        for k in [None, *range(5, len(names))]:   # None: the five geometric ops, one grid_sample
+            sel = torch.nonzero(live & ((ops[:, d] < 5) if k is None else (ops[:, d] == k)))[:, 0]
+            if len(sel):
+                v = _affine_theta(ops[sel, d], mags[sel, d], h, w).flatten() if k is None else mags[sel, d]
+                plan.append((k, len(sel), len(v)))
+                rows.append(sel)
+                values.append(v.float())
+    rows = _to_device(torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long), x.device)
+    values = _to_device(torch.cat([*values, skip[:, 0].float(), weights.t().flatten().float()]), x.device)
     xf = to_float(x)
     aug = xf.repeat(width, 1, 1, 1)
-    for d in range(n_steps):
-        out = aug.clone()
-        live = depths > d
-        rows = torch.nonzero(live & (ops[:, d] < 5))[:, 0]   # index sets on the CPU: no device sync
-        if len(rows):
-            idx = rows.to(x.device)
-            out[idx] = _affine(aug[idx], ops[rows, d], mags[rows, d])
-        for k in range(5, len(names)):
-            rows = torch.nonzero(live & (ops[:, d] == k))[:, 0]
-            if len(rows):
-                idx = rows.to(x.device)
-                out[idx] = augmix_op(aug[idx], names[k], mags[rows, d])
-        aug = out
-    mix = skip[:, 0].to(x.device).view(b, 1, 1, 1) * xf
-    mix += (weights.t().to(x.device).reshape(width, b, 1, 1, 1) * aug.view(width, *x.shape)).sum(0)
+    i = j = 0
+    for k, n, nv in plan:
+        idx, v = rows[i:i + n], values[j:j + nv]
+        sub = aug.index_select(0, idx)
+        aug.index_copy_(0, idx, _affine(sub, v.view(n, 2, 3)) if k is None else augmix_op(sub, names[k], v))
+        i, j = i + n, j + nv
+    mix = values[j:j + b].view(b, 1, 1, 1) * xf
+    mix += (values[j + b:].view(width, b, 1, 1, 1) * aug.view(width, *x.shape)).sum(0)
     return (mix * 255).to(torch.uint8) if x.dtype == torch.uint8 else mix.to(x.dtype)
+
+
+def _to_device(t, device):
+    """A fresh CPU tensor on the device without waiting for it (pinned memory, asynchronous copy)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class BatchAugMix:
