@@ -7,8 +7,8 @@
 
 Sections:
   train    step time and peak memory of one distillation step (clean + AugMix view, teacher, KD
-           loss, backward, AdamW) for --tune-last 1, 2, N/6 and all (all = complete fine-tuning,
-           no teacher), each as a ratio to complete fine-tuning; achieved FLOP/s. Each K runs in a
+           loss, backward, AdamW) for --tune-last 1, 2, N/6 and all (or --ks; all = complete
+           fine-tuning, no teacher), each as a ratio to complete fine-tuning; achieved FLOP/s. Each K runs in a
            fresh process so peak memory is its own (CUDA: max_memory_allocated; CPU: peak RSS growth
            over the built model). AdamW is fused on CUDA. MFU = model FLOP/s (matmul FLOPs counted by
            torch's FlopCounterMode) over the card's dense bf16 peak (PEAK_BF16; other cards: no MFU).
@@ -31,7 +31,8 @@ import time
 import torch
 
 import data
-from distill_partial import STUDENT_ALIASES, BranchStudent, build_optimizer, depth, predict, train_step
+from distill_partial import (STUDENT_ALIASES, BranchStudent, build_optimizer, compile_models, depth, predict,
+                             train_step)
 from train_teacher import Normalized, amp_setup, create_model, model_data_config, parse_kwargs
 
 FMNIST_STUDENT = ("vit_tiny_patch16_224", ["img_size=32", "patch_size=8", "embed_dim=192", "depth=6", "num_heads=3"])
@@ -54,9 +55,10 @@ def get_parser():
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the branch and the teacher (train, infer)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher (train, infer)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: CUDA when available")
     p.add_argument("--augmix-batch", type=int, default=256, help="batch of the device AugMix measurement")
+    p.add_argument("--ks", default=None, help="train: comma-separated K to time, e.g. 4,all (default: 1,2,N/6,all)")
     p.add_argument("--tune-last", default=None, help="(internal) time one K in this process and print JSON")
     p.add_argument("--data-images", type=int, default=400, help="images per data-pipeline measurement")
     p.add_argument("--corrupt-batch", type=int, default=16, help="batch of the corruption measurement")
@@ -122,10 +124,8 @@ def bench_one_k(args, device):
     with FlopCounterMode(display=False) as fc:  # eager, before compiling: the model's FLOPs, counted once
         step()  # also allocates the optimizer state before the memory baseline
     flops = fc.get_total_flops()
-    if args.compile:  # in place, as distill_partial.py does: the state dict keys stay clean
-        student.branch.compile()
-        if teacher is not None:
-            teacher.compile()
+    if args.compile:
+        compile_models(student, teacher)   # as distill_partial.py --compile does
     base_rss = peak_rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -144,15 +144,19 @@ def bench_train(args, argv):
     arch = STUDENT_ALIASES.get(args.student, args.student)
     n = depth(create_model(arch, args.num_classes, model_kwargs=parse_kwargs(args.model_kwargs)))
     ks = sorted({1, 2, max(1, n // 6)} - {n}) + ["all"]
+    if args.ks:
+        ks = [k if k == "all" else int(k) for k in args.ks.split(",")]
+        if any(k != "all" and not 1 <= k < n for k in ks):
+            sys.exit(f"bench.py: --ks {args.ks}: each K must be 'all' or 1..{n - 1} for {arch} ({n} blocks)")
     rows = []
     for k in ks:
         cmd = [sys.executable, os.path.abspath(__file__), *argv, "--tune-last", str(k)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
-    full = rows[-1]
+    full = next((r for r in rows if r["k"] == "all"), None)
     for r in rows:
-        r["time_vs_full"] = r["step_s"] / full["step_s"]
-        r["mem_vs_full"] = r["peak_mem_mb"] / full["peak_mem_mb"]
+        r["time_vs_full"] = r["step_s"] / full["step_s"] if full else None
+        r["mem_vs_full"] = r["peak_mem_mb"] / full["peak_mem_mb"] if full else None
     return rows
 
 

@@ -569,6 +569,14 @@ def head_accuracy(student, loader, device, autocast, mc_samples=1):
     return {name: 100.0 * c / max(1, sums[-1]) for name, c in zip((*HEADS, "auto"), sums[:-1])}
 
 
+def compile_models(student, teacher=None):
+    """torch.compile in place (state_dict keys stay clean): the whole student, its frozen trunk included
+    (with K of 24 blocks tuned the trunk's forward is most of a step), and the teacher."""
+    student.compile()
+    if teacher is not None:
+        teacher.compile()
+
+
 def train_step(student, teacher, x, y, opt, scaler, autocast, kd_temp, kd_weight, kd_mode="uncertainty"):
     """One step of the method on x = [clean views; AugMix views] (2B images) and labels y (B).
     student may be DDP-wrapped: a single forward call, so DDP sees every trainable parameter once.
@@ -677,7 +685,7 @@ def distill(args):
         if args.channels_last and student_blocks(teacher.model)[0] != "vit":
             teacher.to(memory_format=torch.channels_last)
     if args.compile:
-        student.branch.compile()   # in place: state_dict keys stay clean
+        compile_models(student, teacher)
     ddp = DDP(student, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else student
 
     opt = build_optimizer(student, args.opt, args.lr, args.weight_decay, device)

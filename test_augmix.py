@@ -129,3 +129,12 @@ def test_bench_mfu_peaks():
     assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and bench.peak_tflops("NVIDIA H200") == 989.0
     assert bench.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert bench.peak_tflops("NVIDIA H100 PCIe") is None and bench.peak_tflops("Tesla T4") is None
+
+
+def test_bench_ks_names_the_flag():
+    """bench.py --ks takes 'all' or a K the student has; anything else stops before any timing."""
+    import bench
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--sections", "train", "--student", "vit_tiny_patch16_224", "--model-kwargs", "depth=2",
+                    "--ks", "1,2"])
+    assert "--ks 1,2" in str(e.value) and "1..1" in str(e.value)
