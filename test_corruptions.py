@@ -243,11 +243,11 @@ def test_jpeg_emulation_is_libjpeg_pixel_for_pixel():
 def test_poisson_draws_invert_the_exact_cdf():
     """data._poisson: each draw is the float64 inverse CDF of Poisson(top * x) at its uniform, for 8-bit
     and in-between x (the latter add a small second Poisson term), and the draws have the right law."""
-    from data import _poisson
+    from data import _poisson, _rand
     top, n = 60, 200_000
     levels = torch.tensor([0, 1, 17, 128, 255]).repeat_interleave(n // 5)
     x8 = levels / 255
-    u = torch.rand(n, generator=torch.Generator().manual_seed(3))  # _poisson's first draw
+    u = _rand((n,), torch.Generator().manual_seed(3), "cpu")  # _poisson's first draw
     k = torch.arange(200, dtype=torch.float64)
     lam = x8.double()[:, None] * top
     cdf = torch.where(lam > 0, (k * lam.clamp_min(1e-300).log() - lam - torch.lgamma(k + 1)).exp(),
@@ -335,42 +335,43 @@ def test_measure_corruption_throughput():
 # outputs must never change by accident. glass_blur, frost (procedural) and spatter (water) were re-pinned
 # when they were made as damaging as the original scripts (test_fidelity.py), shot_noise when its Poisson
 # draws became table inversions (data._poisson, same distribution), the procedural frost when its needles
-# became a scatter of 150 seeds (no FFT). (float64 sum of the whole
-# output, four pixels [b, c, y, x])
+# became a scatter of 150 seeds (no FFT), and every corruption that draws random numbers when they became
+# a counter-based generator made on the device that uses them (data._rand, same distributions).
+# (float64 sum of the whole output, four pixels [b, c, y, x])
 PIXELS = [(0, 0, 5, 7), (0, 1, 16, 16), (1, 2, 30, 3), (1, 0, 11, 25)]
 PINNED_32 = {
-    "gaussian_noise": (3055.6850964836776, [0.7555280327796936, 0.9705608487129211, 0.23182779550552368, 0.7992238402366638]),
-    "shot_noise": (3037.4199983403087, [0.6399999856948853, 0.8500000238418579, 0.14000000059604645, 0.9800000190734863]),
-    "impulse_noise": (3064.2498468756676, [0.6883496046066284, 0.9921276569366455, 0.16151654720306396, 0.9276339411735535]),
+    "gaussian_noise": (3055.9065776397474, [0.7269548177719116, 0.9815848469734192, 0.06811153143644333, 0.7184900641441345]),
+    "shot_noise": (3054.699998466298, [0.6800000071525574, 1.0, 0.20999999344348907, 1.0]),
+    "impulse_noise": (3052.7108722925186, [0.6883496046066284, 0.9921276569366455, 0.16151654720306396, 0.9276339411735535]),
     "defocus_blur": (3059.8143913671374, [0.5043898820877075, 0.8160945177078247, 0.36180564761161804, 0.5713514685630798]),
-    "glass_blur": (3033.831244993955, [0.7300629615783691, 0.8758061528205872, 0.2625112533569336, 0.7246983051300049]),
-    "motion_blur": (3069.142962867394, [0.4655006527900696, 0.6506291031837463, 0.4735852777957916, 0.5497095584869385]),
+    "glass_blur": (3031.3410549089313, [0.33786240220069885, 0.8882590532302856, 0.5844348073005676, 0.7261009812355042]),
+    "motion_blur": (3062.620281123556, [0.4150756299495697, 0.672521710395813, 0.37359321117401123, 0.5034380555152893]),
     "zoom_blur": (3048.1842270493507, [0.5571966767311096, 0.6804133057594299, 0.524405300617218, 0.5416381359100342]),
-    "snow": (3629.0857494696975, [0.7886846661567688, 1.0, 0.35558652877807617, 0.9679142236709595]),
-    "frost": (4434.140677422285, [0.9520660042762756, 1.0, 0.3480452597141266, 1.0]),
-    "fog": (3280.079930484295, [0.6131446957588196, 0.8087219595909119, 0.359355628490448, 0.7058732509613037]),
+    "snow": (3753.9970217607915, [0.8328580260276794, 1.0, 0.2921021580696106, 1.0]),
+    "frost": (4140.852026734501, [0.925169825553894, 1.0, 0.2340586930513382, 0.9372522830963135]),
+    "fog": (3119.7134919539094, [0.6694108247756958, 0.7579965591430664, 0.2777075469493866, 0.7421773076057434]),
     "brightness": (3550.8310150262405, [0.8171496987342834, 1.0, 0.16698028147220612, 0.9999999403953552]),
     "contrast": (3057.647896170616, [0.5752152800559998, 0.6961371898651123, 0.3727814853191376, 0.6631823182106018]),
-    "elastic_transform": (3074.790673900483, [0.5654745101928711, 0.4228101074695587, 0.4510383605957031, 0.6677172780036926]),
+    "elastic_transform": (3052.8697210112587, [0.43739598989486694, 0.780978798866272, 0.6713747978210449, 0.23568472266197205]),
     "pixelate": (3057.647900402546, [0.6883496046066284, 0.678451657295227, 0.41355395317077637, 0.9276339411735535]),
     "jpeg_compression": (3060.7255665399134, [0.8274509906768799, 0.8196078538894653, 0.4941176474094391, 0.5882353186607361]),
-    "speckle_noise": (3039.009618698292, [0.7577129602432251, 0.9600321054458618, 0.17855119705200195, 0.7489575743675232]),
+    "speckle_noise": (3040.941813165722, [0.72821044921875, 0.9764379262924194, 0.13888686895370483, 0.6366205215454102]),
     "gaussian_blur": (3057.5209864899516, [0.47971147298812866, 0.7646911144256592, 0.3972976803779602, 0.5153355002403259]),
-    "spatter": (3257.660086899996, [0.6883496046066284, 0.9921276569366455, 0.16151654720306396, 0.9276339411735535]),
+    "spatter": (3248.660508289933, [0.6883496046066284, 0.9921276569366455, 0.16151654720306396, 0.9276339411735535]),
     "saturate": (2634.1233841255307, [0.6317001581192017, 0.9921276569366455, 0.0, 0.9276339411735535]),
 }
 PINNED_224 = {
-    "gaussian_noise": (75408.87882978958, [0.7376497387886047, 0.209572434425354, 1.0, 0.7711609601974487]),
-    "shot_noise": (69614.20096939802, [0.4000000059604645, 0.800000011920929, 0.800000011920929, 1.0]),
-    "impulse_noise": (75224.06170243025, [0.5977752804756165, 0.5145577788352966, 0.8762259483337402, 0.9164770245552063]),
-    "glass_blur": (75004.89700110257, [0.5145764350891113, 0.4972745478153229, 0.5063080787658691, 0.5034867525100708]),
-    "motion_blur": (75196.94704633951, [0.5164858102798462, 0.510356068611145, 0.5817074775695801, 0.4921152591705322]),
-    "snow": (122439.26793774962, [0.8383912444114685, 0.804564356803894, 1.0, 1.0]),
-    "frost": (101975.52478185669, [0.5925703048706055, 0.7063452005386353, 1.0, 0.7385125160217285]),
-    "fog": (79884.73475784808, [0.5107042789459229, 0.6183999180793762, 0.7064974308013916, 0.708332896232605]),
-    "elastic_transform": (75273.74384451844, [0.6447369456291199, 0.5920736789703369, 0.32464125752449036, 0.2308717966079712]),
-    "spatter": (69558.93846154213, [0.5977752804756165, 0.5145577788352966, 0.8762259483337402, 0.9164770245552063]),
-    "speckle_noise": (70981.3527709142, [0.7424909472465515, 0.24294370412826538, 1.0, 0.685975193977356]),
+    "gaussian_noise": (75485.88178626262, [0.8459072113037109, 0.4163622260093689, 1.0, 0.7679411172866821]),
+    "shot_noise": (69475.40097652376, [0.20000000298023224, 0.800000011920929, 0.6000000238418579, 1.0]),
+    "impulse_noise": (75195.75946569443, [0.0, 0.5145577788352966, 0.8762259483337402, 0.9164770245552063]),
+    "glass_blur": (74895.21465268731, [0.5127536654472351, 0.4838264286518097, 0.5019630789756775, 0.49654218554496765]),
+    "motion_blur": (75194.68303327262, [0.5199638605117798, 0.5512039065361023, 0.5670275688171387, 0.41587528586387634]),
+    "snow": (121190.22409899533, [0.8172802329063416, 0.741692066192627, 1.0, 1.0]),
+    "frost": (125604.82739755511, [0.9095972776412964, 0.886484682559967, 1.0, 1.0]),
+    "fog": (75923.39051508904, [0.31826213002204895, 0.28725671768188477, 0.43807512521743774, 0.4643343389034271]),
+    "elastic_transform": (75161.8663202268, [0.3411966860294342, 0.3528440296649933, 0.7811243534088135, 0.9339073300361633]),
+    "spatter": (70324.12628053129, [0.5977752804756165, 0.23394426703453064, 0.8762259483337402, 0.9164770245552063]),
+    "speckle_noise": (71078.05805930035, [0.8544953465461731, 0.42710667848587036, 1.0, 0.6808677911758423]),
 }
 
 
@@ -390,7 +391,7 @@ def test_cpu_outputs_are_pinned():
 @pytest.mark.parametrize("name", ALL)
 def test_cuda_gives_the_cpu_image(name):
     """Same (seed, corruption, severity, image) -> the same corrupted image on CPU and CUDA, up to float
-    round-off (random draws come from a CPU generator on every device)."""
+    round-off (random numbers from a keyed integer hash, bit-identical on every device)."""
     for size in (32, 224):
         x = natural_images(2, size, seed=4)
         for severity in (1, 3, 5):
@@ -419,3 +420,27 @@ def test_glass_blur_copies_compose_the_reference_sweep(delta):
     assert _follow_copies(src, visit).tolist() == loop
     swept = sorted(r * w + q for r in range(h - delta, delta, -1) for q in range(w - delta, delta, -1))
     assert sorted(pos.tolist()) == swept  # every pixel of the sweep, once
+
+
+def test_counter_generator_is_the_hash_it_names():
+    """data._rand is lowbias32 of a keyed Weyl step, as written out here in numpy's wrapping uint32; its
+    uniforms and normals have the right moments, and two draws from one generator are unrelated."""
+    from data import _rand, _randn
+    gen = torch.Generator().manual_seed(11)
+    k1, k2 = (np.int64(k) % (1 << 32) for k in torch.randint(-(1 << 31), 1 << 31, (2,), generator=gen).tolist())
+    x = np.arange(1000, dtype=np.uint32) * np.uint32(0x9E3779B1) + np.uint32(k1)
+    x ^= x >> 16
+    x = (x * np.uint32(0x7FEB352D)) ^ np.uint32(k2)
+    x ^= x >> 15
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> 16
+    want = ((x >> 9).astype(np.float64) + 0.5) / 2 ** 23
+    u = _rand((10, 100), torch.Generator().manual_seed(11), "cpu")
+    assert u.shape == (10, 100) and np.array_equal(u.flatten().double().numpy(), want)
+    gen = torch.Generator().manual_seed(0)
+    u, v, z = _rand((1 << 20,), gen, "cpu"), _rand((1 << 20,), gen, "cpu"), _randn(((1 << 20) + 1,), gen, "cpu")
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 2e-3 and abs(u.var() * 12 - 1) < 1e-2
+    assert abs(torch.corrcoef(torch.stack([u, v]))[0, 1]) < 5e-3          # another key: another stream
+    assert abs(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1]) < 5e-3  # neighbours unrelated
+    assert z.shape == ((1 << 20) + 1,) and abs(z.mean()) < 5e-3 and abs(z.var() - 1) < 1e-2
+    assert abs((z ** 4).mean() - 3) < 0.05   # Gaussian tails, not just two moments
