@@ -382,6 +382,14 @@ def augmix_magnitudes(op, height, width, bins=10):
     return table[op]
 
 
+@functools.lru_cache(maxsize=16)
+def _augmix_tables(names, height, width):
+    """The magnitude tables of the ops `names` as one [ops, bins] tensor and their signed flags (cached:
+    building them costs ~20 small tensors per op and call; callers only read them)."""
+    return (torch.stack([augmix_magnitudes(n, height, width)[0].float() for n in names]),
+            torch.tensor([augmix_magnitudes(n, height, width)[1] for n in names]))
+
+
 def _affine_theta(ops, mags, h, w):
     """affine_grid's [n, 2, 3] matrices (float32, CPU) of the geometric ops (index ops into AUGMIX_OPS[:5],
     magnitudes mags, both on the CPU) as torchvision's F.affine / F.rotate define them: coordinates of pixel
@@ -482,8 +490,7 @@ def augmix_batch(x, severity=3, width=3, depth=-1, alpha=1.0, all_ops=False, gen
     ops = torch.randint(len(names), (b, width, n_steps), **gen)
     bins = torch.randint(severity, (b, width, n_steps), **gen)
     signs = torch.where(torch.rand((b, width, n_steps), **gen) <= 0.5, -1.0, 1.0)
-    table = torch.stack([augmix_magnitudes(n, h, w)[0].float() for n in names])
-    signed = torch.tensor([augmix_magnitudes(n, h, w)[1] for n in names])
+    table, signed = _augmix_tables(names, h, w)
     mags = table[ops, bins] * torch.where(signed[ops], signs, 1.0)
 
     # The chains side by side as one batch (row i * B + image), one op kind at a time, each updated in place.
