@@ -838,8 +838,9 @@ def _clipped_zoom(x, zoom):
 # multiplies wrap identically on the CPU and on CUDA, so the uniforms are bit-identical everywhere, and
 # normals (Box-Muller) equal up to the last bit of log/cos/sin. Drawing on the CPU and moving the numbers
 # (as before) cost ~70 ms per 64 images at 224 px on a GPU host, more than a ViT-L forward pass; this is
-# ~20 elementwise int32 passes: on the CPU as fast as torch.rand with 2 threads, ~1.7x its time on one.
+# ~17 elementwise int32 passes: on the CPU 1.5x faster than torch.rand with 2 threads, 1.5x its time on one.
 _GOLDEN, _M1, _M2 = 0x9E3779B1 - (1 << 32), 0x7FEB352D, 0x846CA68B - (1 << 32)   # as int32
+_RAND_CHUNK = 1 << 18
 
 
 def _xorshift_(x, shift, tmp):
@@ -850,17 +851,32 @@ def _xorshift_(x, shift, tmp):
 
 def _rand(shape, gen, device):
     """U(0, 1) on a 2^-23 grid, (v + 1/2) / 2^23 for 23 hashed bits v (exact in float32: never 0 or 1), keyed
-    by gen: the same numbers on every device."""
-    n = math.prod(shape)
+    by gen: the same numbers on every device. On the CPU they are made in cache-sized pieces, so the passes
+    stay in cache (the numbers do not depend on the piece size)."""
+    device, n = torch.device(device), math.prod(shape)
     if n >= 1 << 31:
         raise UserError(f"{n} random numbers asked for at once; corrupt fewer images per call (at most 2^31)")
     k1, k2 = torch.randint(-(1 << 31), 1 << 31, (2,), generator=gen).tolist()
-    x = torch.arange(n, dtype=torch.int32, device=device).mul_(_GOLDEN).add_(k1)
-    tmp = torch.empty_like(x)
-    _xorshift_(x, 16, tmp).mul_(_M1).bitwise_xor_(k2)
-    _xorshift_(x, 15, tmp).mul_(_M2)
-    _xorshift_(x, 16, tmp)
-    return x.bitwise_right_shift_(9).bitwise_and_(0x7FFFFF).float().add_(0.5).mul_(2 ** -23).view(shape)
+    chunk = max(1, min(n, _RAND_CHUNK if device.type == "cpu" else n))
+    out = torch.empty(n, dtype=torch.int32, device=device)
+    weyl = torch.arange(chunk, dtype=torch.int32, device=device).mul_(_GOLDEN)
+    tmp = torch.empty(chunk, dtype=torch.int32, device=device)
+    for start in range(0, n, chunk):
+        x = out[start:start + chunk]
+        t = tmp[:len(x)]
+        torch.add(weyl[:len(x)], _int32(start * _GOLDEN + k1), out=x)   # (start + i) * golden + key 1
+        _xorshift_(x, 16, t).mul_(_M1).bitwise_xor_(k2)
+        _xorshift_(x, 15, t).mul_(_M2)
+        _xorshift_(x, 16, t)
+        # the top 23 bits as the mantissa of a float in [1, 2), then minus (1 - 2^-24): (v + 1/2) / 2^23
+        x.bitwise_right_shift_(9).bitwise_and_(0x7FFFFF).bitwise_or_(0x3F800000)
+        x.view(torch.float32).sub_(1 - 2 ** -24)
+    return out.view(torch.float32).view(shape)
+
+
+def _int32(v):
+    """v wrapped to a signed 32-bit integer (as int32 arithmetic would leave it)."""
+    return (v + (1 << 31)) % (1 << 32) - (1 << 31)
 
 
 def _randn(shape, gen, device):

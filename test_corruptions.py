@@ -423,12 +423,14 @@ def test_glass_blur_copies_compose_the_reference_sweep(delta):
 
 
 def test_counter_generator_is_the_hash_it_names():
-    """data._rand is lowbias32 of a keyed Weyl step, as written out here in numpy's wrapping uint32; its
-    uniforms and normals have the right moments, and two draws from one generator are unrelated."""
-    from data import _rand, _randn
+    """data._rand is lowbias32 of a keyed Weyl step, as written out here in numpy's wrapping uint32 (also
+    across the pieces the CPU makes them in); its uniforms and normals have the right moments, and two draws
+    from one generator are unrelated."""
+    from data import _RAND_CHUNK, _rand, _randn
     gen = torch.Generator().manual_seed(11)
     k1, k2 = (np.int64(k) % (1 << 32) for k in torch.randint(-(1 << 31), 1 << 31, (2,), generator=gen).tolist())
-    x = np.arange(1000, dtype=np.uint32) * np.uint32(0x9E3779B1) + np.uint32(k1)
+    n = 2 * _RAND_CHUNK + 1000
+    x = np.arange(n, dtype=np.uint32) * np.uint32(0x9E3779B1) + np.uint32(k1)
     x ^= x >> 16
     x = (x * np.uint32(0x7FEB352D)) ^ np.uint32(k2)
     x ^= x >> 15
@@ -436,7 +438,8 @@ def test_counter_generator_is_the_hash_it_names():
     x ^= x >> 16
     want = ((x >> 9).astype(np.float64) + 0.5) / 2 ** 23
     u = _rand((10, 100), torch.Generator().manual_seed(11), "cpu")
-    assert u.shape == (10, 100) and np.array_equal(u.flatten().double().numpy(), want)
+    assert u.shape == (10, 100) and np.array_equal(u.flatten().double().numpy(), want[:1000])
+    assert np.array_equal(_rand((n,), torch.Generator().manual_seed(11), "cpu").double().numpy(), want)
     gen = torch.Generator().manual_seed(0)
     u, v, z = _rand((1 << 20,), gen, "cpu"), _rand((1 << 20,), gen, "cpu"), _randn(((1 << 20) + 1,), gen, "cpu")
     assert 0 < u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 2e-3 and abs(u.var() * 12 - 1) < 1e-2
