@@ -1024,7 +1024,8 @@ def _sweep_order(h, w, delta):
     w-delta .. delta+1 right to left. Returns (the visited flat positions in the order their offsets
     are drawn, the visit time of every pixel [h * w], h * w for pixels never visited). The draw order
     is by wave number (last column - q) + 2*delta*(last row - r), the order of an earlier wave-by-wave
-    implementation, kept so the same seed gives the same image."""
+    implementation: a convention (any fixed order draws the same distribution) that the pinned outputs
+    and the measured numbers depend on."""
     rows, cols = torch.arange(h)[:, None], torch.arange(w)[None, :]
     visited = (rows > delta) & (rows <= h - delta) & (cols > delta) & (cols <= w - delta)
     visit = torch.where(visited, (h - delta - rows) * w + (w - delta - cols), h * w).flatten()

@@ -330,13 +330,13 @@ def test_measure_corruption_throughput():
 
 # ----------------------------------------------------------------------------- device independence
 
-# Values the CPU code gave before random numbers were drawn on the CPU generator for every device
-# (x = torch.rand with seed 0 / 1, corrupt seed 5 / 9): measured numbers depend on them, so CPU
-# outputs must never change by accident. glass_blur, frost (procedural) and spatter (water) were re-pinned
-# when they were made as damaging as the original scripts (test_fidelity.py), shot_noise when its Poisson
-# draws became table inversions (data._poisson, same distribution), the procedural frost when its needles
-# became a scatter of 150 seeds (no FFT), and every corruption that draws random numbers when they became
-# a counter-based generator made on the device that uses them (data._rand, same distributions).
+# Values the CPU code gives (x = torch.rand with seed 0 / 1, corrupt seed 5 / 9): measured numbers
+# depend on them, so CPU outputs must never change by accident. glass_blur, frost (procedural) and
+# spatter (water) were re-pinned when they were made as damaging as the original scripts
+# (test_fidelity.py), shot_noise when its Poisson draws became table inversions (data._poisson, same
+# distribution), the procedural frost when its needles became a scatter of 150 seeds (no FFT), and
+# every corruption that draws random numbers when they became a counter-based generator made on the
+# device that uses them (data._rand, same distributions).
 # (float64 sum of the whole output, four pixels [b, c, y, x])
 PIXELS = [(0, 0, 5, 7), (0, 1, 16, 16), (1, 2, 30, 3), (1, 0, 11, 25)]
 PINNED_32 = {
