@@ -1617,8 +1617,8 @@ def corrupt(x: torch.Tensor, name: str, severity: int, seed: int = 0, frost_dir:
     x: float [B, 3, H, W] in [0, 1], any H, W >= 32, on any device. Returns the same shape, dtype and
     device, values in [0, 1], computed in float32. Deterministic given seed and independent of the device
     up to float round-off: random numbers come from a counter-based generator (_rand) keyed by a seeded
-    CPU torch.Generator and made on x.device (the global RNG is never touched). frost_dir: folder with the ImageNet-C frost images
-    (see frost)."""
+    CPU torch.Generator and made on x.device (the global RNG is never touched). frost_dir: folder with
+    the ImageNet-C frost images (see frost)."""
     if name not in CORRUPTION_FNS:
         raise ValueError(f"Unknown corruption {name!r}: choose one of {', '.join(CORRUPTION_FNS)}.")
     if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) or not 1 <= severity <= 5:
