@@ -18,6 +18,7 @@ import math
 import multiprocessing
 import os
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -1466,13 +1467,25 @@ def _box_down_rows(x, n_out):
     return y.mul_(1 / size[:, None].float())
 
 
+@functools.lru_cache(maxsize=64)
+def _box_col_pieces(n_out, n_in, device, pieces=4):
+    """PIL BOX downscale of columns as `pieces` small matrix products: boxes hold consecutive columns,
+    so each quarter of the output columns reads one stretch of the input's, a quarter of the work of
+    the whole [n_in, n_out] product (whose other entries are zeros). -> [(first, end, matrix)]"""
+    m = _box_resize_matrix(n_out, n_in, device)
+    first = (m > 0).float().argmax(1).tolist() + [n_in]
+    cuts = [round(p * n_out / pieces) for p in range(pieces + 1)]
+    return [(first[a], first[b], m[a:b, first[a]:first[b]].T.contiguous()) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
 def pixelate(x, severity, gen):
     """PIL BOX resize to c * size and back. Going back is nearest-neighbour on the same pixel grid, so
-    the result is each box's mean spread over the box: rows summed by gathers, columns by one
-    small matrix product, then torch's 'nearest-exact' upsampling (the same source pixel as PIL's)."""
+    the result is each box's mean spread over the box: rows summed by gathers, columns by four small
+    matrix products, then torch's 'nearest-exact' upsampling (the same source pixel as PIL's)."""
     c, _ = _pick(x, (.6, .5, .4, .3, .25), (.9, .8, .7, .6, .5), (.95, .9, .85, .75, .65), severity)
     h, w = x.shape[-2:]
-    small = _box_down_rows(x, int(h * c)) @ _box_resize_matrix(int(w * c), w, x.device).T
+    rows = _box_down_rows(x, int(h * c))
+    small = torch.cat([rows[..., a:b] @ m for a, b, m in _box_col_pieces(int(w * c), w, x.device)], -1)
     return F.interpolate(small, size=(h, w), mode="nearest-exact")
 
 
@@ -1587,16 +1600,35 @@ def _jpeg_emulate(x, quality):
     return torch.stack([red, green, blue], 1).clamp_(0, 255).mul_(1 / 255)
 
 
+_JPEG_THREAD_PIXELS = 1 << 18  # pixels a thread must get before splitting the batch pays for the thread
+
+
+def _jpeg_round_trip(images, quality, out, i):
+    out[i] = torchvision.io.decode_jpeg(torchvision.io.encode_jpeg(images, quality=quality))
+
+
 def jpeg_compression(x, severity, gen):
     """JPEG encode/decode at quality c: libjpeg through torchvision on the CPU, the same arithmetic in
-    torch ops elsewhere (_jpeg_emulate, identical output). (Splitting the batch across Python threads
-    gains 25% here but leaves each thread an OpenMP pool that slows every later torch op by 40%.)"""
+    torch ops elsewhere (_jpeg_emulate, identical output). On the CPU the batch is split over torch's
+    threads: libjpeg runs without the GIL, and the pixels are handed over interleaved (HWC), the layout
+    libjpeg reads and writes, so the helper threads run no torch kernel (one that did would start an
+    OpenMP pool of its own and slow every later torch op)."""
     c, _ = _pick(x, (25, 18, 15, 10, 7), (65, 58, 50, 40, 25), (80, 65, 58, 50, 40), severity)
     if x.device.type != "cpu":
         return _jpeg_emulate(x, c)
-    u8 = x.mul(255).round_().to(torch.uint8)
-    decoded = torchvision.io.decode_jpeg(torchvision.io.encode_jpeg(list(u8), quality=c))
-    return torch.stack(decoded, out=u8).float().mul_(1 / 255)
+    u8 = x.mul(255).round_().to(torch.uint8, memory_format=torch.channels_last)
+    n = max(1, min(torch.get_num_threads(), len(u8), u8.numel() // (3 * _JPEG_THREAD_PIXELS)))
+    parts = [list(p) for p in u8.tensor_split(n)]
+    out = [None] * n
+    helpers = [threading.Thread(target=_jpeg_round_trip, args=(p, c, out, i)) for i, p in enumerate(parts[1:], 1)]
+    for t in helpers:
+        t.start()
+    _jpeg_round_trip(parts[0], c, out, 0)
+    for t in helpers:
+        t.join()
+    if None in out:  # a helper thread raised (Python printed its traceback)
+        raise RuntimeError("jpeg_compression: libjpeg failed on part of the batch (see the traceback above).")
+    return torch.stack([img for part in out for img in part], out=u8).to(torch.float32, memory_format=torch.contiguous_format).mul_(1 / 255)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -1638,20 +1670,25 @@ def corrupt(x: torch.Tensor, name: str, severity: int, seed: int = 0, frost_dir:
         return out.to(x.dtype)  # every corruption returns values in [0, 1]
 
 
-def measure_corruption_throughput(size: int, batch_size: int = 64, device="cpu", repeats: int = 2) -> dict[str, float]:
+def measure_corruption_throughput(size: int, batch_size: int = 64, device="cpu", repeats: int = 2,
+                                  images: torch.Tensor | None = None) -> dict[str, float]:
     """images/s for each of the 19 corruptions on random [0,1] images of size x size, over severities
     1-5 together (one call each; one warm-up call first; the best of `repeats` rounds, as shared
-    machines only ever add time)."""
+    machines only ever add time). images: a float batch [B, 3, size, size] to time instead (JPEG's cost
+    depends on the content: noise codes slower than photographs)."""
     from torch.utils import benchmark  # torch's timer (syncs CUDA); keeps this file's imports to the list above
 
-    gen = torch.Generator(device=device)
-    gen.manual_seed(0)
-    x = torch.rand((batch_size, 3, size, size), generator=gen, device=device)
+    if images is None:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(0)
+        x = torch.rand((batch_size, 3, size, size), generator=gen, device=device)
+    else:
+        x = images.to(device)
     result = {}
     for name in CORRUPTIONS + EXTRA_CORRUPTIONS:
         corrupt(x, name, 3)
         timer = benchmark.Timer("for s in range(1, 6): corrupt(x, name, s)",
                                 globals={"corrupt": corrupt, "x": x, "name": name},
                                 num_threads=torch.get_num_threads())
-        result[name] = 5 * batch_size / min(timer.timeit(1).mean for _ in range(repeats))
+        result[name] = 5 * len(x) / min(timer.timeit(1).mean for _ in range(repeats))
     return result

@@ -225,6 +225,24 @@ def test_jpeg_and_pixelate_match_pil():
         assert np.abs(ours - np.stack(pix)).max() <= 1.001  # PIL rounds to 8 bits between its two passes
 
 
+def test_jpeg_split_over_threads_is_one_libjpeg_call(monkeypatch):
+    """On the CPU the batch is split over torch's threads (uneven pieces here: 5 images, 3 threads): the
+    output is what one libjpeg call over the whole batch gives, in order, as a contiguous float tensor."""
+    import data
+    monkeypatch.setattr(data, "_JPEG_THREAD_PIXELS", 1)
+    x = natural_images(5, 224, seed=2)
+    u8 = (x * 255).round().to(torch.uint8)
+    libjpeg = torch.stack(torchvision.io.decode_jpeg(torchvision.io.encode_jpeg(list(u8), quality=15)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        ours = corrupt(x, "jpeg_compression", 3)  # ImageNet-C quality 15
+    finally:
+        torch.set_num_threads(threads)
+    assert ours.is_contiguous()
+    assert torch.equal((ours * 255).round().to(torch.uint8), libjpeg)
+
+
 def test_jpeg_emulation_is_libjpeg_pixel_for_pixel():
     """_jpeg_emulate (the non-CPU path) reproduces libjpeg's round trip exactly: MCU padding of odd sizes,
     chroma of at most 2 samples (no fancy upsampling), low and high qualities (tables capped at 255)."""
@@ -324,6 +342,9 @@ def test_motion_blur_is_imagemagick_kernel():
 
 def test_measure_corruption_throughput():
     speeds = measure_corruption_throughput(32, batch_size=4, repeats=1)
+    assert list(speeds) == list(ALL)
+    assert all(math.isfinite(v) and v > 0 for v in speeds.values())
+    speeds = measure_corruption_throughput(32, images=natural_images(2, 32), repeats=1)  # given images
     assert list(speeds) == list(ALL)
     assert all(math.isfinite(v) and v > 0 for v in speeds.values())
 
