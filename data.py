@@ -1450,21 +1450,26 @@ def _box_resize_matrix(n_out, n_in, device):
     return m / m.sum(1, keepdim=True)
 
 
+@functools.lru_cache(maxsize=64)
+def _box_rows(n_out, n_in, device):
+    """For _box_down_rows: each input row's box, the rows that fall in a box (None: all of them; PIL's
+    boxes skip a row now and then) and 1 / the boxes' sizes [n_out, 1]."""
+    inside = _box_resize_matrix(n_out, n_in, device) > 0
+    used = inside.any(0)
+    keep = None if used.all() else used.nonzero()[:, 0]
+    box = inside.float().argmax(0)
+    return (box if keep is None else box[keep]), keep, 1 / inside.sum(1, keepdim=True).float()
+
+
 def _box_down_rows(x, n_out):
-    """PIL BOX downscale of the rows (dim -2) of x to n_out: each box's rows gathered and summed (row
-    gathers copy contiguous memory, far cheaper than a matrix product), then divided by the box size."""
+    """PIL BOX downscale of the rows (dim -2) of x to n_out: every row added into its box's sum in
+    one pass (a matrix product would mostly multiply zeros), then divided by the box size."""
     n_in = x.shape[-2]
     if n_in % n_out == 0:  # whole boxes: a mean over a reshape
         return x.unflatten(-2, (n_out, n_in // n_out)).mean(-2)
-    inside = _box_resize_matrix(n_out, n_in, x.device) > 0  # each box: consecutive rows
-    first, size = inside.float().argmax(1), inside.sum(1)
-    k = int(size.min())  # boxes hold k or k + 1 rows
-    y = x.index_select(-2, first)
-    for j in range(1, k):
-        y += x.index_select(-2, first + j)
-    longer = (size > k).nonzero()[:, 0]
-    y.index_add_(-2, longer, x.index_select(-2, first[longer] + k))
-    return y.mul_(1 / size[:, None].float())
+    box, keep, inv_size = _box_rows(n_out, n_in, x.device)
+    y = x.new_zeros(x.shape[:-2] + (n_out, x.shape[-1]))
+    return y.index_add_(-2, box, x if keep is None else x.index_select(-2, keep)).mul_(inv_size)
 
 
 @functools.lru_cache(maxsize=64)
@@ -1480,7 +1485,7 @@ def _box_col_pieces(n_out, n_in, device, pieces=4):
 
 def pixelate(x, severity, gen):
     """PIL BOX resize to c * size and back. Going back is nearest-neighbour on the same pixel grid, so
-    the result is each box's mean spread over the box: rows summed by gathers, columns by four small
+    the result is each box's mean spread over the box: rows summed by one index_add, columns by four small
     matrix products, then torch's 'nearest-exact' upsampling (the same source pixel as PIL's)."""
     c, _ = _pick(x, (.6, .5, .4, .3, .25), (.9, .8, .7, .6, .5), (.95, .9, .85, .75, .65), severity)
     h, w = x.shape[-2:]
@@ -1611,8 +1616,8 @@ def jpeg_compression(x, severity, gen):
     """JPEG encode/decode at quality c: libjpeg through torchvision on the CPU, the same arithmetic in
     torch ops elsewhere (_jpeg_emulate, identical output). On the CPU the batch is split over torch's
     threads: libjpeg runs without the GIL, and the pixels are handed over interleaved (HWC), the layout
-    libjpeg reads and writes, so the helper threads run no torch kernel (one that did would start an
-    OpenMP pool of its own and slow every later torch op)."""
+    libjpeg reads and writes, so torchvision copies nothing and the helper threads run libjpeg only (a
+    torch kernel there would start an OpenMP pool per thread)."""
     c, _ = _pick(x, (25, 18, 15, 10, 7), (65, 58, 50, 40, 25), (80, 65, 58, 50, 40), severity)
     if x.device.type != "cpu":
         return _jpeg_emulate(x, c)
@@ -1628,7 +1633,8 @@ def jpeg_compression(x, severity, gen):
         t.join()
     if None in out:  # a helper thread raised (Python printed its traceback)
         raise RuntimeError("jpeg_compression: libjpeg failed on part of the batch (see the traceback above).")
-    return torch.stack([img for part in out for img in part], out=u8).to(torch.float32, memory_format=torch.contiguous_format).mul_(1 / 255)
+    u8 = torch.stack([img for part in out for img in part], out=u8)
+    return u8.to(torch.float32, memory_format=torch.contiguous_format).mul_(1 / 255)
 
 
 # ----------------------------------------------------------------------------- dispatch
