@@ -499,16 +499,18 @@ def augmix_batch(x, severity=3, width=3, depth=-1, alpha=1.0, all_ops=False, gen
     # would wait for the device each time and leave it idle while Python prepares the next op.
     ops, mags = ops.transpose(0, 1).reshape(width * b, n_steps), mags.transpose(0, 1).reshape(width * b, n_steps)
     depths = depths.t().reshape(width * b)
+    live = depths[:, None] > torch.arange(n_steps)
+    geometric = (live & (ops < 5)).t()  # [step, row]: the affine matrices of every step in one call
+    thetas = _affine_theta(ops.t()[geometric], mags.t()[geometric], h, w).split(geometric.sum(1).tolist())
     plan, rows, values = [], [], []
     for d in range(n_steps):
-        live = depths > d
         for k in [None, *range(5, len(names))]:   # None: the five geometric ops, one grid_sample
-            sel = torch.nonzero(live & ((ops[:, d] < 5) if k is None else (ops[:, d] == k)))[:, 0]
+            sel = torch.nonzero(geometric[d] if k is None else live[:, d] & (ops[:, d] == k))[:, 0]
             if len(sel):
-                v = _affine_theta(ops[sel, d], mags[sel, d], h, w).flatten() if k is None else mags[sel, d]
+                v = thetas[d].flatten() if k is None else mags[sel, d].float()
                 plan.append((k, len(sel), len(v)))
                 rows.append(sel)
-                values.append(v.float())
+                values.append(v)
     rows = _to_device(torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long), x.device)
     values = _to_device(torch.cat([*values, skip[:, 0].float(), weights.t().flatten().float()]), x.device)
     xf = to_float(x)
