@@ -450,7 +450,7 @@ def test_counter_generator_is_the_hash_it_names():
     from data import _RAND_CHUNK, _rand, _randn
     gen = torch.Generator().manual_seed(11)
     k1, k2 = (np.int64(k) % (1 << 32) for k in torch.randint(-(1 << 31), 1 << 31, (2,), generator=gen).tolist())
-    n = 2 * _RAND_CHUNK + 1000
+    n = 2 * _RAND_CHUNK * torch.get_num_threads() + 1000  # three pieces
     x = np.arange(n, dtype=np.uint32) * np.uint32(0x9E3779B1) + np.uint32(k1)
     x ^= x >> 16
     x = (x * np.uint32(0x7FEB352D)) ^ np.uint32(k2)
