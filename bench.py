@@ -4,6 +4,8 @@
     python bench.py --student vit_l16 -b 64 --amp     # CUDA: bf16, the issue's setting
     python bench.py --student vit_l16 -b 64 --amp --compile --sections train,data   # CUDA: MFU, GPU AugMix
     python bench.py --sections data,corrupt,eval      # pick sections
+    python bench.py --student vit_l16 -b 64 --amp --compile --ks 4 --sections train,data --profile prof/
+                                                      # and where the time goes: op tables in prof/
 
 Sections:
   train    step time and peak memory of one distillation step (clean + AugMix view, teacher, KD
@@ -14,10 +16,12 @@ Sections:
            torch's FlopCounterMode) over the card's dense bf16 peak (PEAK_BF16; other cards: no MFU).
   infer    inference cost of the auto-head student (K = N/6) relative to the original model
   data     data pipeline images/s per worker: plain, AugMix (1 view), AugMix+JSD (2 views); AugMix at
-           32 and 224 px: one CPU worker (torchvision, one thread) vs the batched AugMix on the device
+           32 and 224 px: one CPU worker (torchvision, one thread) vs the batched AugMix on the device,
+           its calls issued back to back (as training issues them) and each on its own (_synced)
   corrupt  corruption generation images/s for each of the 19 corruptions at 32 and 224 px
   eval     evaluation images/s of the embedded benchmark's student and teacher (32 px)
-Timings are medians over --steps after --warmup; nothing here is asserted in tests.
+Timings are medians over --steps after --warmup (the back-to-back AugMix: the mean); nothing here is
+asserted in tests.
 """
 import argparse
 import json
@@ -63,6 +67,9 @@ def get_parser():
     p.add_argument("--data-images", type=int, default=400, help="images per data-pipeline measurement")
     p.add_argument("--corrupt-batch", type=int, default=16, help="batch of the corruption measurement")
     p.add_argument("--output", default=None, help="also write the results as JSON here")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also write where the time goes (torch.profiler op tables) of the train steps and the "
+                        "device AugMix to DIR/train_k<K>.txt and DIR/augmix_<size>px.txt")
     return p
 
 
@@ -116,6 +123,23 @@ def back_to_back(fn, calls, warmup, device):
     return (time.perf_counter() - t0) / calls
 
 
+def write_profile(fn, device, path, calls=3):
+    """torch.profiler over `calls` calls of fn (after the timing: warm), its ops sorted by their own device
+    time on CUDA (CPU time otherwise), written to path as a table."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=40, max_name_column_width=80)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"{calls} calls\n{table}\n")
+
+
 def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -147,6 +171,8 @@ def bench_one_k(args, device):
         base_cuda = torch.cuda.memory_allocated()
     sec = timed(step, args.steps, args.warmup, device)
     mem = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20 if device.type == "cuda" else None
+    if args.profile:
+        write_profile(step, device, os.path.join(args.profile, f"train_k{k}.txt"))
     peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     return dict(k=k, depth=student.n_blocks, step_s=sec, img_s=args.batch_size / sec, tflops=flops / sec / 1e12,
                 mfu=flops / sec / 1e12 / peak if peak else None, fused_adamw=bool(opt.defaults.get("fused")),
@@ -223,7 +249,7 @@ def bench_data(n):
     return out
 
 
-def bench_augmix(device, batch, steps=3):
+def bench_augmix(device, batch, steps=3, profile=None):
     """AugMix images/s at 32 and 224 px: one CPU worker (torchvision's v2.AugMix on one uint8 image at a
     time, one thread) and the batched AugMix (data.augmix_batch) on the device, uint8 in and out: calls
     issued back to back (throughput, as in training) and, _synced, each call timed on its own (median)."""
@@ -242,6 +268,8 @@ def bench_augmix(device, batch, steps=3):
         x = images.to(device)
         out[f"batched_{device.type}_{size}px"] = batch / back_to_back(lambda: data.augmix_batch(x), steps, 1, device)
         out[f"batched_{device.type}_{size}px_synced"] = batch / timed(lambda: data.augmix_batch(x), steps, 1, device)
+        if profile:
+            write_profile(lambda: data.augmix_batch(x), device, os.path.join(profile, f"augmix_{size}px.txt"))
         out[f"speedup_{size}px"] = out[f"batched_{device.type}_{size}px"] / out[f"cpu_worker_{size}px"]
     return out
 
@@ -288,7 +316,7 @@ def main(argv=None):
     if "data" in sections:
         results["data"] = bench_data(args.data_images)
         print("Data pipeline, images/s per worker (Fashion-MNIST, 32 px)\n" + table([results["data"]], list(results["data"])) + "\n")
-        results["augmix"] = bench_augmix(device, args.augmix_batch, steps=10 if device.type == "cuda" else 3)
+        results["augmix"] = bench_augmix(device, args.augmix_batch, 10 if device.type == "cuda" else 3, args.profile)
         print(f"AugMix, images/s: one CPU worker vs batched on {device.type} (batch {args.augmix_batch})\n" +
               table([results["augmix"]], list(results["augmix"])) + "\n")
     if "corrupt" in sections:

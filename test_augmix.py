@@ -138,3 +138,17 @@ def test_bench_ks_names_the_flag():
         bench.main(["--sections", "train", "--student", "vit_tiny_patch16_224", "--model-kwargs", "depth=2",
                     "--ks", "1,2"])
     assert "--ks 1,2" in str(e.value) and "1..1" in str(e.value)
+
+
+def test_bench_profile_writes_op_tables(tmp_path):
+    """bench.py --profile DIR writes where the time of a timed train step (one K in this process, as
+    bench_train runs each K) and of the batched AugMix goes: torch.profiler op tables."""
+    import bench
+    bench.main(["--sections", "train", "--student", "vit_tiny_patch16_224", "--model-kwargs", "depth=2", "img_size=32",
+                "--num-classes", "10", "-b", "2", "--steps", "1", "--warmup", "0", "--tune-last", "1",
+                "--profile", str(tmp_path)])
+    result = bench.bench_augmix(torch.device("cpu"), 2, 1, str(tmp_path))
+    assert result["batched_cpu_224px"] > 0 and result["batched_cpu_224px_synced"] > 0
+    for name in ("train_k1.txt", "augmix_32px.txt", "augmix_224px.txt"):
+        table = (tmp_path / name).read_text()
+        assert table.startswith("3 calls") and "aten::" in table, name
