@@ -1325,9 +1325,9 @@ def _distance_to(edges, cap):
     row = row * row
     padded = F.pad(row, (0, 0, r, r), value=r * r)
     best, shifted = row.clone(), torch.empty_like(row)
-    for dy in range(1, r + 1):
-        for start in (r - dy, r + dy):
-            torch.minimum(best, torch.add(padded[..., start:start + h, :], dy * dy, out=shifted), out=best)
+    for dy in range(1, r):  # rows dy >= r away add dy^2 >= r^2 >= best: never nearer
+        torch.minimum(padded[..., r - dy:r - dy + h, :], padded[..., r + dy:r + dy + h, :], out=shifted)
+        torch.minimum(best, shifted.add_(dy * dy), out=best)  # the nearer of the rows above and below
     return best.float().sqrt_().clamp_(max=cap)
 
 
