@@ -387,8 +387,8 @@ def augmix_magnitudes(op, height, width, bins=10):
 def _augmix_tables(names, height, width):
     """The magnitude tables of the ops `names` as one [ops, bins] tensor and their signed flags (cached:
     building them costs ~20 small tensors per op and call; callers only read them)."""
-    return (torch.stack([augmix_magnitudes(n, height, width)[0].float() for n in names]),
-            torch.tensor([augmix_magnitudes(n, height, width)[1] for n in names]))
+    tables, signed = zip(*(augmix_magnitudes(n, height, width) for n in names))
+    return torch.stack(tables).float(), torch.tensor(signed)
 
 
 def _affine_theta(ops, mags, h, w):
