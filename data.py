@@ -852,29 +852,58 @@ def _xorshift_(x, shift, tmp):
     return x.bitwise_xor_(tmp.bitwise_and_((1 << (32 - shift)) - 1))
 
 
+def _hash_(x, k2, tmp):
+    """x = counter * golden + key 1 (int32) -> its U(0, 1) number, in place (k2: int or int32 tensor)."""
+    _xorshift_(x, 16, tmp).mul_(_M1).bitwise_xor_(k2)
+    _xorshift_(x, 15, tmp).mul_(_M2)
+    _xorshift_(x, 16, tmp)
+    # the top 23 bits as the mantissa of a float in [1, 2), then minus (1 - 2^-24): (v + 1/2) / 2^23
+    x.bitwise_right_shift_(9).bitwise_and_(0x7FFFFF).bitwise_or_(0x3F800000)
+    return x.view(torch.float32).sub_(1 - 2 ** -24)
+
+
+def _rand_keys(gen):
+    return torch.randint(-(1 << 31), 1 << 31, (2,), generator=gen).tolist()
+
+
 def _rand(shape, gen, device):
     """U(0, 1) on a 2^-23 grid, (v + 1/2) / 2^23 for 23 hashed bits v (exact in float32: never 0 or 1), keyed
-    by gen: the same numbers on every device. On the CPU they are made in cache-sized pieces, so the passes
-    stay in cache (the numbers do not depend on the piece size)."""
+    by gen: the same numbers on every device."""
     device, n = torch.device(device), math.prod(shape)
     if n >= 1 << 31:
         raise UserError(f"{n} random numbers asked for at once; corrupt fewer images per call (at most 2^31)")
-    k1, k2 = torch.randint(-(1 << 31), 1 << 31, (2,), generator=gen).tolist()
+    return _hashed(n, _rand_keys(gen), device).view(shape)
+
+
+def _hashed(n, keys, device):
+    """The n numbers of one key pair. On the CPU they are made in cache-sized pieces, so the passes stay
+    in cache (the numbers do not depend on the piece size)."""
+    k1, k2 = keys
     chunk = max(1, min(n, _RAND_CHUNK * torch.get_num_threads() if device.type == "cpu" else n))
     out = torch.empty(n, dtype=torch.int32, device=device)
     weyl = torch.arange(chunk, dtype=torch.int32, device=device).mul_(_GOLDEN)
     tmp = torch.empty(chunk, dtype=torch.int32, device=device)
     for start in range(0, n, chunk):
         x = out[start:start + chunk]
-        t = tmp[:len(x)]
         torch.add(weyl[:len(x)], _int32(start * _GOLDEN + k1), out=x)   # (start + i) * golden + key 1
-        _xorshift_(x, 16, t).mul_(_M1).bitwise_xor_(k2)
-        _xorshift_(x, 15, t).mul_(_M2)
-        _xorshift_(x, 16, t)
-        # the top 23 bits as the mantissa of a float in [1, 2), then minus (1 - 2^-24): (v + 1/2) / 2^23
-        x.bitwise_right_shift_(9).bitwise_and_(0x7FFFFF).bitwise_or_(0x3F800000)
-        x.view(torch.float32).sub_(1 - 2 ** -24)
-    return out.view(torch.float32).view(shape)
+        _hash_(x, k2, tmp[:len(x)])
+    return out.view(torch.float32)
+
+
+def _rand_many(shapes, gen, device, small=1 << 14):
+    """[_rand(shape, gen, device) for shape in shapes], the same numbers; the draws of fewer than `small`
+    numbers made together, with a key pair per number (a draw's fixed cost is ~20 tensor operations)."""
+    device, keys = torch.device(device), [_rand_keys(gen) for _ in shapes]
+    sizes = [math.prod(shape) for shape in shapes]
+    few = [i for i, n in enumerate(sizes) if n < small]
+    out = {i: _hashed(sizes[i], keys[i], device) for i in range(len(sizes)) if sizes[i] >= small}
+    if few:
+        counts = torch.tensor([sizes[i] for i in few], device=device)
+        first = counts.cumsum(0) - counts
+        k1, k2 = torch.tensor([keys[i] for i in few], dtype=torch.int32, device=device).repeat_interleave(counts, 0).unbind(1)
+        x = (torch.arange(int(counts.sum()), device=device) - first.repeat_interleave(counts)).int().mul_(_GOLDEN).add_(k1)
+        out.update(zip(few, _hash_(x, k2, torch.empty_like(x)).split([sizes[i] for i in few])))
+    return [out[i].view(shape) for i, shape in enumerate(shapes)]
 
 
 def _int32(v):
@@ -888,10 +917,10 @@ def _randn(shape, gen, device):
     half = (n + 1) // 2
     u = _rand((2 * half,), gen, device)
     r, a = u[:half].log_().mul_(-2).sqrt_(), u[half:].mul_(2 * math.pi)
-    out = torch.empty(2 * half, device=device)
-    torch.mul(r, a.cos(), out=out[:half])
-    torch.mul(r, a.sin_(), out=out[half:])
-    return out[:n].view(shape)
+    cos = a.cos()
+    a.sin_().mul_(r)  # in u's own memory: r sin(a), then r cos(a)
+    r.mul_(cos)
+    return u[:n].view(shape)
 
 
 def _uniform(shape, low, high, gen, device):
@@ -909,7 +938,10 @@ def gaussian_noise(x, severity, gen):
 @functools.lru_cache(maxsize=64)
 def _poisson_tables(top, levels, bins, device):
     """For each level g = 0..levels: CDF of Poisson(top * g / levels) at k = 0..k_max (float32, [levels + 1,
-    k_max + 1]) and the exact quantiles of the uniform bin edges j / bins ([levels + 1, bins + 1])."""
+    k_max + 1]), the exact quantiles of the uniform bin edges j / bins ([levels + 1, bins + 1]) and, per
+    bin [levels + 1, bins], what settles a draw U in it: its lower edge's quantile q (the base) and the
+    split CDF(q) when the upper edge's quantile is q + 1 (the draw is q + [U > split]), 2 when it is q
+    (the draw is q); where it is higher the base is -1 - q and a search decides."""
     k_max = int(top + 7 * math.sqrt(top) + 10)  # CDF(k_max) rounds to 1 in float32 for every level
     rate = torch.arange(levels + 1, device=device, dtype=torch.float64)[:, None] * (top / levels)
     k = torch.arange(k_max + 1, device=device, dtype=torch.float64)
@@ -917,8 +949,11 @@ def _poisson_tables(top, levels, bins, device):
     cdf = torch.where(rate > 0, logp.exp(), (k == 0).double()).cumsum(1).float()
     cdf[:, -1] = 1
     edges = torch.arange(bins + 1, device=device, dtype=torch.float32) / bins
-    quantile = torch.searchsorted(cdf, edges.expand(levels + 1, -1).contiguous()).int()
-    return cdf, quantile
+    quantile = torch.searchsorted(cdf, edges.expand(levels + 1, -1).contiguous())
+    lower, steps = quantile[:, :-1], quantile.diff(dim=1)
+    base = torch.where(steps <= 1, lower, -1 - lower).to(torch.int16 if k_max < 1 << 15 else torch.int32)
+    split = torch.where(steps == 1, cdf.gather(1, lower), 2.0)
+    return cdf, quantile.int(), base, split
 
 
 def _poisson(x, top, gen, levels=255, bins=1024):
@@ -929,27 +964,31 @@ def _poisson(x, top, gen, levels=255, bins=1024):
     top * x = top * (g + f) / levels with g an integer level and 0 <= f < 1 (f = 0 for 8-bit images),
     so Poisson(top * x) = Poisson(top * g / levels) + Poisson(top * f / levels), independent. The first
     term inverts one uniform U with each level's CDF (_poisson_tables): the exact quantiles of the bin
-    edges j / bins bracket U's quantile; one look-up settles most draws, a binary search the rest. The
-    second term, small, inverts a second uniform by sequential search; it is drawn only when some f
-    exceeds 1e-3 (levels within 1e-3 of an integer count as 8-bit input: rate error < 4e-6 top)."""
-    cdf, quantile = _poisson_tables(top, levels, bins, x.device)
+    edges j / bins bracket U's quantile, so U's bin settles most draws by one look-up and one comparison,
+    a binary search the rest (bins the CDF crosses twice or more: its tails). The second term, small,
+    inverts a second uniform by sequential search; it is drawn only when some f exceeds 1e-3 (levels
+    within 1e-3 of an integer count as 8-bit input: rate error < 4e-6 top)."""
+    cdf, quantile, base, split = _poisson_tables(top, levels, bins, x.device)
     row_len = cdf.shape[1]
-    cdf, quantile = cdf.view(-1), quantile.view(-1)
+    cdf, quantile, base, split = cdf.view(-1), quantile.view(-1), base.view(-1), split.view(-1)
     level = x.flatten() * levels
     g = level.add(1e-3).int()  # floor: level >= 0
     u = _rand(level.shape, gen, x.device)
-    edge = u.mul(bins).int().add_(g, alpha=bins + 1)
-    row = g * row_len
-    draw = quantile.index_select(0, edge)  # quantile of the bin's lower edge: U's when CDF(draw) >= U
-    idx = (cdf.index_select(0, row + draw) < u).nonzero()[:, 0]
-    lo, hi = draw[idx] + 1, quantile[edge[idx] + 1]  # the upper edge's quantile bounds U's
-    while len(idx) and bool((lo < hi).any()):
-        mid = (lo + hi) // 2
-        ok = cdf[row[idx] + mid] >= u[idx]
-        hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid + 1)
-    draw[idx] = lo
+    cell = u.mul(bins).int().add_(g, alpha=bins)  # U's bin in row g of the [levels + 1, bins] tables
+    draw = base.index_select(0, cell).add_(u > split.index_select(0, cell))
+    idx = (draw < 0).nonzero()[:, 0]
+    if len(idx):
+        cell, u_idx, row = cell[idx], u[idx], g[idx] * row_len
+        lo = -1 - draw[idx].int()
+        hi = quantile[cell + cell // bins + 1]  # the upper edge: row g, column j + 1 of [levels + 1, bins + 1]
+        while bool((lo < hi).any()):
+            mid = (lo + hi) // 2
+            ok = cdf[row + mid] >= u_idx
+            hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid + 1)
+        draw[idx] = lo.to(draw.dtype)
     frac = level.sub_(g)
-    if bool((frac > 1e-3).any()):  # not 8-bit: add Poisson(top * f / levels)
+    if float(frac.amax()) > 1e-3:  # not 8-bit: add Poisson(top * f / levels)
+        draw = draw.int()
         frac = frac.clamp_(min=0) * (top / levels)
         u2 = _rand(level.shape, gen, x.device)
         p = torch.exp(-frac)
@@ -977,7 +1016,9 @@ def impulse_noise(x, severity, gen):
     set to 0 or 1 with equal odds."""
     c, _ = _pick(x, (.03, .06, .09, .17, .27), (.01, .02, .05, .08, .14), (.01, .02, .03, .05, .07), severity)
     u = _rand(x.shape, gen, x.device)
-    return torch.where(u < c, (u < c / 2).to(x.dtype), x)
+    salt = torch.lt(u, c / 2, out=torch.empty_like(u))  # comparisons into float, not bool: 2x faster on the CPU
+    keep = torch.ge(u, c, out=torch.empty_like(u)).add_(salt)  # 1 where x stays or turns 1, 0 where it turns 0
+    return torch.clamp(x, salt, keep)  # (x in [0, 1]) a clamp instead of torch.where: 2x faster again
 
 
 def speckle_noise(x, severity, gen):
@@ -1043,11 +1084,11 @@ def _follow_copies(src, visit):
     so it ends with the original value of src[p] if src[p] is visited later (or never), else with what
     src[p] took: follow those links to their end by pointer doubling (chains are short). Returns, for
     each pixel, the pixel whose original value it ends with."""
-    ident = torch.arange(len(src), device=src.device)
-    hop = torch.where(visit[src] < visit, src, ident)
-    while not torch.equal(jump := hop[hop], hop):
+    ident = torch.arange(len(src), device=src.device, dtype=src.dtype)
+    hop = torch.where(visit.index_select(0, src) < visit, src, ident)  # index_select: ~3x faster than x[i]
+    while not torch.equal(jump := hop.index_select(0, hop), hop):
         hop = jump
-    return src[hop]
+    return src.index_select(0, hop)
 
 
 def glass_blur(x, severity, gen):
@@ -1068,16 +1109,20 @@ def glass_blur(x, severity, gen):
     x = torch.floor(_gaussian_blur(x, sigma).clamp(0, 1) * 255) / 255  # the reference goes through uint8 here
     pos, visit = _sweep_order(h, w, delta)
     dev, total = x.device, b * h * w
-    visit = visit.to(dev).repeat(b)
+    if total >= 1 << 31:
+        raise UserError(f"glass_blur got {total} pixels at once; corrupt fewer images per call (at most 2^31 pixels)")
+    # pixel indices in int32: the gathers below are random reads, and half the bytes stay in cache
+    visit = visit.to(dev, torch.int32).repeat(b)
     here = (pos.to(dev)[:, None] + torch.arange(b, device=dev) * (h * w)).flatten()  # images inner
-    perm = torch.arange(total, device=dev)  # perm[p] = the source pixel now at flat position p (image-major)
+    here32 = here.int()
+    perm = torch.arange(total, device=dev, dtype=torch.int32)  # the source pixel now at flat position p (image-major)
     for _ in range(rounds):
-        off = _rand((len(pos), b, 2), gen, dev).mul_(2 * delta).long().sub_(delta)   # uniform in [-delta, delta)
-        src = torch.arange(total, device=dev)
-        src[here] = here + (off[..., 1] * w + off[..., 0]).flatten()  # (dy, dx) as the reference draws (dx, dy)
-        perm = perm[_follow_copies(src, visit)]
-    x = x.flatten(2).transpose(1, 2).reshape(total, ch)[perm]
-    x = x.view(b, h * w, ch).transpose(1, 2).reshape(b, ch, h, w)
+        off = _rand((len(pos), b, 2), gen, dev).mul_(2 * delta).int().sub_(delta)   # uniform in [-delta, delta)
+        moved = here32 + (off[..., 1] * w + off[..., 0]).flatten()  # (dy, dx) as the reference draws (dx, dy)
+        src = torch.arange(total, device=dev, dtype=torch.int32).index_copy_(0, here, moved)
+        perm = perm.index_select(0, _follow_copies(src, visit))
+    x = x.transpose(0, 1).reshape(ch, total).index_select(1, perm)
+    x = x.view(ch, b, h, w).transpose(0, 1).contiguous()
     return _gaussian_blur(x, sigma).clamp_(0, 1)
 
 
@@ -1169,14 +1214,16 @@ def _procedural_frost(b, h, w, gen, device):
     cloud = ((cloud - 0.2) / 0.6).clamp(0, 1)
     # 150 seeds per image, each the origin of crystal needles in three directions (motion-blur taps of
     # radius 0.2 side, weights scaled to 1 at the seed), stamped with one scatter-add
-    seed_at = (_rand((b, 150, 1, 2), gen, device) * torch.tensor([h, w], device=device)).long()
+    if b * h * w >= 1 << 31:
+        raise UserError(f"frost got {b * h * w} pixels at once; corrupt fewer images per call (at most 2^31 pixels)")
+    seed_at = (_rand((b, 150, 1, 2), gen, device) * torch.tensor([h, w], device=device)).int()
     strength = _rand((b, 150, 1), gen, device)
     taps = [_motion_taps(0.2 * side, 0.1 * side, _uniform((b,), 0, 360, gen, device)) for _ in range(3)]
-    dy, dx = (torch.cat([t[k] for t in taps], 1)[:, None] for k in (0, 1))  # [b, 1, 3 * width]
+    dy, dx = (torch.cat([t[k] for t in taps], 1)[:, None].int() for k in (0, 1))  # [b, 1, 3 * width]
     weight = torch.cat([t[2] / t[2][0] for t in taps])  # [3 * width]
     y, x = seed_at[..., 0] - dy, seed_at[..., 1] - dx  # [b, 150, 3 * width]; correlation flips the taps
     outside = (y < 0) | (y >= h) | (x < 0) | (x >= w)
-    at = ((torch.arange(b, device=device)[:, None, None] * h + y) * w + x).masked_fill_(outside, b * h * w)
+    at = ((torch.arange(b, device=device, dtype=torch.int32)[:, None, None] * h + y) * w + x).masked_fill_(outside, b * h * w)
     needles = torch.zeros(b * h * w + 1, device=device)  # the last slot takes the taps off the image
     needles.index_add_(0, at.view(-1), (strength * weight).expand_as(at).reshape(-1))
     needles = needles[:-1].view(b, 1, h, w)
@@ -1229,9 +1276,11 @@ def _plasma_fractal(b, mapsize, wibbledecay, gen, device):
     vectorised over the batch and over each level's squares and diamonds."""
     m = torch.zeros(b, mapsize, mapsize, device=device)
     step, wibble = mapsize, 100.0
+    levels = mapsize.bit_length() - 1  # steps mapsize, ..., 2; three draws of [b, mapsize / step, ...] each
+    noise = iter(_rand_many([(b, 1 << k, 1 << k) for k in range(levels) for _ in range(3)], gen, device))
 
     def wibbled_mean(total):
-        return total / 4 + wibble * _uniform(total.shape, -wibble, wibble, gen, device)
+        return total / 4 + wibble * (next(noise) * (2 * wibble) - wibble)  # _uniform(-wibble, wibble)
 
     while step >= 2:
         half = step // 2
@@ -1284,13 +1333,13 @@ def _canny(img, low, high):
     sobel = torch.tensor([[-1., 0, 1], [-2, 0, 2], [-1, 0, 1]], device=img.device)
     dx = _conv_planes(p, sobel)
     dy = _conv_planes(p, sobel.T)
-    mag = dx.abs() + dy.abs()
+    ax, ay = dx.abs(), dy.abs()
+    mag = ax + ay
     m = F.pad(mag, (1, 1, 1, 1))  # OpenCV's magnitude buffer has zero borders
 
     def at(oy, ox):
         return m[..., 1 + oy:m.shape[-2] - 1 + oy, 1 + ox:m.shape[-1] - 1 + ox]
 
-    ax, ay = dx.abs(), dy.abs()
     tg22 = ax * 0.4142135623730950  # OpenCV: |dy| < |dx| tan(22.5) horizontal, > |dx| tan(67.5) vertical
     tg67 = ax * 2.4142135623730950
     horizontal = (mag > at(0, -1)) & (mag >= at(0, 1))
@@ -1380,7 +1429,8 @@ def brightness(x, severity, gen):
     c, _ = _pick(x, (.1, .2, .3, .4, .5), (.1, .2, .3, .4, .5), (.05, .1, .15, .2, .3), severity)
     v = x.amax(dim=1, keepdim=True)
     v2 = (v + c).clamp(0, 1)
-    return torch.where(v > 0, x * (v2 / v.clamp_min(1e-12)), v2).clamp_(0, 1)
+    black = torch.eq(v, 0, out=torch.empty_like(v)).mul_(v2)  # v2 where V = 0 (x is 0 there), else 0
+    return torch.addcmul(black, x, v2 / v.clamp_min(1e-12)).clamp_(0, 1)  # no 3-channel torch.where
 
 
 def contrast(x, severity, gen):
@@ -1397,11 +1447,14 @@ def saturate(x, severity, gen):
                  ((.3, 0), (.1, 0), (1.5, 0), (2, .1), (2.5, .2)), severity)
     v = x.amax(dim=1, keepdim=True)
     delta = v - x.amin(dim=1, keepdim=True)
-    sat = torch.where(delta > 0, delta / v.clamp_min(1e-12), 0)
+    sat = delta / v.clamp_min(1e-12)  # 0 where delta is
     sat2 = (sat * c[0] + c[1]).clamp(0, 1)
-    colour = v - (v - x) * (sat2 / sat.clamp_min(1e-12))
-    grey = torch.cat([v, v * (1 - sat2), v * (1 - sat2)], dim=1)  # hsv2rgb at hue 0
-    return torch.where(delta > 0, colour, grey).clamp_(0, 1)
+    colour = v - (v - x) * (sat2 / sat.clamp_min(1e-12))  # grey pixels (x = v): v
+    if c[1] > 0:  # grey pixels turn hsv2rgb at hue 0: (v, v (1 - sat2), v (1 - sat2))
+        coloured = torch.gt(delta, 0, out=torch.empty_like(delta))
+        grey = (v * (1 - sat2)).mul_(1 - coloured)
+        colour[:, 1:] = torch.addcmul(grey, colour[:, 1:], coloured)  # no 3-channel torch.where
+    return colour.clamp_(0, 1)
 
 
 def elastic_transform(x, severity, gen):

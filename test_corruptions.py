@@ -285,6 +285,7 @@ def test_poisson_draws_invert_the_exact_cdf():
 def test_brightness_and_saturate_match_hsv_round_trip():
     x = natural_images(1, 32)
     x[..., :4, :4] = 0.5  # grey pixels: skimage gives them hue 0, so saturate's offset tints them red
+    x[..., 4:6, :4] = 0  # black pixels: brightness makes them grey
     pixels = x[0].permute(1, 2, 0).reshape(-1, 3).double().numpy()
     for name, severity, edit in (("brightness", 4, lambda h, s, v: (h, s, min(v + .2, 1))),
                                  ("saturate", 5, lambda h, s, v: (h, min(s * 2.5 + .2, 1), v))):  # CIFAR constants
@@ -422,6 +423,16 @@ def test_cuda_gives_the_cpu_image(name):
             diff = (gpu.cpu() - cpu).abs()
             # thresholds (salt/pepper, snow flakes, glass-blur uint8 floor, JPEG) may flip a rare pixel
             assert diff.mean() < 2e-3 and (diff > 1e-3).float().mean() < 0.01, (name, size, severity, diff.max())
+
+
+def test_rand_many_draws_what_rand_draws_in_turn():
+    """data._rand_many: the numbers of one _rand call per shape, in order (small draws made together)."""
+    from data import _rand, _rand_many
+    shapes = [(2, 3), (5,), (1 << 15,), (4, 1, 1), (3, 300), (1,)]  # one of them large enough to go alone
+    many = _rand_many(shapes, torch.Generator().manual_seed(3), "cpu")
+    gen = torch.Generator().manual_seed(3)
+    for got, shape in zip(many, shapes, strict=True):
+        assert got.shape == shape and torch.equal(got, _rand(shape, gen, "cpu"))
 
 
 @pytest.mark.parametrize("delta", [1, 2, 3])
