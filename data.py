@@ -852,32 +852,35 @@ def _xorshift_(x, shift, tmp):
     return x.bitwise_xor_(tmp.bitwise_and_((1 << (32 - shift)) - 1))
 
 
-def _hash_(x, k2, tmp):
-    """x = counter * golden + key 1 (int32) -> its U(0, 1) number, in place (k2: int or int32 tensor)."""
+def _hash_(x, k2, tmp, bits=False):
+    """x = counter * golden + key 1 (int32) -> its U(0, 1) number, in place (k2: int or int32 tensor);
+    bits: its 23 bits v instead (int32), the number being (v + 1/2) / 2^23."""
     _xorshift_(x, 16, tmp).mul_(_M1).bitwise_xor_(k2)
     _xorshift_(x, 15, tmp).mul_(_M2)
     _xorshift_(x, 16, tmp)
-    # the top 23 bits as the mantissa of a float in [1, 2), then minus (1 - 2^-24): (v + 1/2) / 2^23
-    x.bitwise_right_shift_(9).bitwise_and_(0x7FFFFF).bitwise_or_(0x3F800000)
-    return x.view(torch.float32).sub_(1 - 2 ** -24)
+    x.bitwise_right_shift_(9).bitwise_and_(0x7FFFFF)  # the top 23 bits
+    if bits:
+        return x
+    # as the mantissa of a float in [1, 2), then minus (1 - 2^-24): (v + 1/2) / 2^23
+    return x.bitwise_or_(0x3F800000).view(torch.float32).sub_(1 - 2 ** -24)
 
 
 def _rand_keys(gen):
     return torch.randint(-(1 << 31), 1 << 31, (2,), generator=gen).tolist()
 
 
-def _rand(shape, gen, device):
+def _rand(shape, gen, device, bits=False):
     """U(0, 1) on a 2^-23 grid, (v + 1/2) / 2^23 for 23 hashed bits v (exact in float32: never 0 or 1), keyed
-    by gen: the same numbers on every device."""
+    by gen: the same numbers on every device. bits: v instead (int32)."""
     device, n = torch.device(device), math.prod(shape)
     if n >= 1 << 31:
         raise UserError(f"{n} random numbers asked for at once; corrupt fewer images per call (at most 2^31)")
-    return _hashed(n, _rand_keys(gen), device).view(shape)
+    return _hashed(n, _rand_keys(gen), device, bits).view(shape)
 
 
-def _hashed(n, keys, device):
-    """The n numbers of one key pair. On the CPU they are made in cache-sized pieces, so the passes stay
-    in cache (the numbers do not depend on the piece size)."""
+def _hashed(n, keys, device, bits=False):
+    """The n numbers (or bits) of one key pair. On the CPU they are made in cache-sized pieces, so the
+    passes stay in cache (the numbers do not depend on the piece size)."""
     k1, k2 = keys
     chunk = max(1, min(n, _RAND_CHUNK * torch.get_num_threads() if device.type == "cpu" else n))
     out = torch.empty(n, dtype=torch.int32, device=device)
@@ -886,8 +889,8 @@ def _hashed(n, keys, device):
     for start in range(0, n, chunk):
         x = out[start:start + chunk]
         torch.add(weyl[:len(x)], _int32(start * _GOLDEN + k1), out=x)   # (start + i) * golden + key 1
-        _hash_(x, k2, tmp[:len(x)])
-    return out.view(torch.float32)
+        _hash_(x, k2, tmp[:len(x)], bits)
+    return out if bits else out.view(torch.float32)
 
 
 def _rand_many(shapes, gen, device, small=1 << 14):
@@ -938,10 +941,11 @@ def gaussian_noise(x, severity, gen):
 @functools.lru_cache(maxsize=64)
 def _poisson_tables(top, levels, bins, device):
     """For each level g = 0..levels: CDF of Poisson(top * g / levels) at k = 0..k_max (float32, [levels + 1,
-    k_max + 1]), the exact quantiles of the uniform bin edges j / bins ([levels + 1, bins + 1]) and, per
-    bin [levels + 1, bins], what settles a draw U in it: its lower edge's quantile q (the base) and the
-    split CDF(q) when the upper edge's quantile is q + 1 (the draw is q + [U > split]), 2 when it is q
-    (the draw is q); where it is higher the base is -1 - q and a search decides."""
+    k_max + 1]); the exact quantiles of the uniform bin edges j / bins ([levels + 1, bins + 1]); and per
+    bin [levels + 1, bins] one int32 that settles a draw U = (v + 1/2) / 2^23 in it (v = j * span + r,
+    span = 2^23 / bins): with q its lower edge's quantile, q * span when the upper edge's is q too, q *
+    span + span - t when it is q + 1 and U > CDF(q) from r = t on (then (entry + r) >> log2(span) is q +
+    [r >= t]), and (-1 - q) * span where the CDF crosses the bin twice or more (a search decides)."""
     k_max = int(top + 7 * math.sqrt(top) + 10)  # CDF(k_max) rounds to 1 in float32 for every level
     rate = torch.arange(levels + 1, device=device, dtype=torch.float64)[:, None] * (top / levels)
     k = torch.arange(k_max + 1, device=device, dtype=torch.float64)
@@ -951,44 +955,49 @@ def _poisson_tables(top, levels, bins, device):
     edges = torch.arange(bins + 1, device=device, dtype=torch.float32) / bins
     quantile = torch.searchsorted(cdf, edges.expand(levels + 1, -1).contiguous())
     lower, steps = quantile[:, :-1], quantile.diff(dim=1)
-    base = torch.where(steps <= 1, lower, -1 - lower).to(torch.int16 if k_max < 1 << 15 else torch.int32)
-    split = torch.where(steps == 1, cdf.gather(1, lower), 2.0)
-    return cdf, quantile.int(), base, split
+    span = (1 << 23) // bins
+    # U > CDF(q) <=> j * span + r + 1/2 > CDF(q) * 2^23 <=> r >= t (exact in float64)
+    t = (cdf.gather(1, lower).double() * 2 ** 23 - torch.arange(bins, device=device) * span - 0.5).floor() + 1
+    entry = torch.where(steps == 0, lower * span, torch.where(steps == 1, lower * span + span - t.long(),
+                                                              (-1 - lower) * span))
+    return cdf, quantile.int(), entry.int()
 
 
 def _poisson(x, top, gen, levels=255, bins=1024):
-    """Exact Poisson(top * x) draws for x in [0, 1], by inversion with tables, at about the cost of the
-    uniforms (torch.poisson draws one by one: 2-3x slower on the CPU, and it has no CPU-seeded path to
-    CUDA).
+    """Exact Poisson(top * x) draws (int) for x in [0, 1], by inversion with tables, at about the cost of
+    the uniforms (torch.poisson draws one by one: 2-3x slower on the CPU, and it has no CPU-seeded path
+    to CUDA).
 
     top * x = top * (g + f) / levels with g an integer level and 0 <= f < 1 (f = 0 for 8-bit images),
     so Poisson(top * x) = Poisson(top * g / levels) + Poisson(top * f / levels), independent. The first
     term inverts one uniform U with each level's CDF (_poisson_tables): the exact quantiles of the bin
-    edges j / bins bracket U's quantile, so U's bin settles most draws by one look-up and one comparison,
-    a binary search the rest (bins the CDF crosses twice or more: its tails). The second term, small,
-    inverts a second uniform by sequential search; it is drawn only when some f exceeds 1e-3 (levels
-    within 1e-3 of an integer count as 8-bit input: rate error < 4e-6 top)."""
-    cdf, quantile, base, split = _poisson_tables(top, levels, bins, x.device)
+    edges j / bins bracket U's quantile, so U's bin settles most draws by one look-up and one addition
+    on U's bits, a binary search the rest (bins the CDF crosses twice or more: its tails). The second
+    term, small, inverts a second uniform by sequential search; it is drawn only when some f exceeds
+    1e-3 (levels within 1e-3 of an integer count as 8-bit input: rate error < 4e-6 top)."""
+    shift = 23 - int(math.log2(bins))
+    if bins != 1 << (23 - shift):
+        raise ValueError(f"_poisson: bins must be a power of 2 up to 2^23, got {bins}")
+    cdf, quantile, entry = _poisson_tables(top, levels, bins, x.device)
     row_len = cdf.shape[1]
-    cdf, quantile, base, split = cdf.view(-1), quantile.view(-1), base.view(-1), split.view(-1)
     level = x.flatten() * levels
     g = level.add(1e-3).int()  # floor: level >= 0
-    u = _rand(level.shape, gen, x.device)
-    cell = u.mul(bins).int().add_(g, alpha=bins)  # U's bin in row g of the [levels + 1, bins] tables
-    draw = base.index_select(0, cell).add_(u > split.index_select(0, cell))
+    v = _rand(level.shape, gen, x.device, bits=True)  # U = (v + 1/2) / 2^23: its bin is v >> shift
+    cell = torch.bitwise_right_shift(v, shift).add_(g, alpha=bins)  # in row g of the [levels + 1, bins] table
+    draw = entry.view(-1).index_select(0, cell).add_(v.bitwise_and_((1 << shift) - 1)).bitwise_right_shift_(shift)
     idx = (draw < 0).nonzero()[:, 0]
     if len(idx):
-        cell, u_idx, row = cell[idx], u[idx], g[idx] * row_len
-        lo = -1 - draw[idx].int()
-        hi = quantile[cell + cell // bins + 1]  # the upper edge: row g, column j + 1 of [levels + 1, bins + 1]
+        cell = cell[idx]
+        u = cell.sub(g[idx], alpha=bins).mul_(1 << shift).add_(v[idx]).float().add_(0.5).mul_(2 ** -23)
+        row, lo = g[idx] * row_len, -1 - draw[idx]
+        hi = quantile.view(-1)[cell + cell // bins + 1]  # the upper edge: row g, column j + 1 of [levels + 1, bins + 1]
         while bool((lo < hi).any()):
             mid = (lo + hi) // 2
-            ok = cdf[row + mid] >= u_idx
+            ok = cdf.view(-1)[row + mid] >= u
             hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid + 1)
-        draw[idx] = lo.to(draw.dtype)
+        draw[idx] = lo
     frac = level.sub_(g)
     if float(frac.amax()) > 1e-3:  # not 8-bit: add Poisson(top * f / levels)
-        draw = draw.int()
         frac = frac.clamp_(min=0) * (top / levels)
         u2 = _rand(level.shape, gen, x.device)
         p = torch.exp(-frac)
@@ -1002,13 +1011,13 @@ def _poisson(x, top, gen, levels=255, bins=1024):
             total = total + p
             more = u2 > total
             idx, p, total, u2, frac = idx[more], p[more], total[more], u2[more], frac[more]
-    return draw.view(x.shape).float()
+    return draw.view(x.shape)
 
 
 def shot_noise(x, severity, gen):
     """Poisson(x * c) / c: photon noise with c photons for a white pixel."""
     c, _ = _pick(x, (60, 25, 12, 5, 3), (250, 100, 50, 30, 15), (500, 250, 100, 75, 50), severity)
-    return _poisson(x, c, gen).div_(c).clamp_(0, 1)
+    return torch.div(_poisson(x, c, gen), c).clamp_(0, 1)
 
 
 def impulse_noise(x, severity, gen):
@@ -1271,29 +1280,36 @@ def frost(x, severity, gen, frost_dir=None):
     return torch.add(c[0] * x, layer, alpha=c[1]).clamp_(0, 1)
 
 
+def _plus_rolled(a, b, shift, dim):
+    """a + b.roll(shift, dim) for shift +-1, without making the rolled copy."""
+    n, out = a.shape[dim], torch.empty_like(a)
+    lo, hi = (1, 0) if shift == 1 else (0, 1)  # out[i] = a[i] + b[i - shift] away from the wrapped end
+    torch.add(a.narrow(dim, lo, n - 1), b.narrow(dim, hi, n - 1), out=out.narrow(dim, lo, n - 1))
+    end = n - 1 if shift == -1 else 0
+    torch.add(a.narrow(dim, end, 1), b.narrow(dim, (end - shift) % n, 1), out=out.narrow(dim, end, 1))
+    return out
+
+
 def _plasma_fractal(b, mapsize, wibbledecay, gen, device):
     """Diamond-square height map [b, mapsize, mapsize] in [0, 1] (the reference's plasma_fractal),
-    vectorised over the batch and over each level's squares and diamonds."""
-    m = torch.zeros(b, mapsize, mapsize, device=device)
-    step, wibble = mapsize, 100.0
-    levels = mapsize.bit_length() - 1  # steps mapsize, ..., 2; three draws of [b, mapsize / step, ...] each
+    vectorised over the batch and over each level's squares and diamonds: each level turns the n x n
+    grid of corners into the 2n x 2n grid of corners, square centres and the two kinds of diamonds."""
+    levels = mapsize.bit_length() - 1  # grids of 1, 2, ..., mapsize / 2 corners; three draws each
     noise = iter(_rand_many([(b, 1 << k, 1 << k) for k in range(levels) for _ in range(3)], gen, device))
+    wibble = 100.0
 
     def wibbled_mean(total):
-        return total / 4 + wibble * (next(noise) * (2 * wibble) - wibble)  # _uniform(-wibble, wibble)
+        return total.div_(4).add_(next(noise).mul_(2 * wibble).sub_(wibble).mul_(wibble))  # + wibble * U(-w, w)
 
-    while step >= 2:
-        half = step // 2
-        corner = m[:, 0::step, 0::step]
-        square = corner + corner.roll(-1, 1)
-        square = square + square.roll(-1, 2)
-        m[:, half::step, half::step] = wibbled_mean(square)
-        dr, ul = m[:, half::step, half::step], m[:, 0::step, 0::step]
-        m[:, 0::step, half::step] = wibbled_mean(dr + dr.roll(1, 1) + ul + ul.roll(-1, 2))
-        m[:, half::step, 0::step] = wibbled_mean(dr + dr.roll(1, 2) + ul + ul.roll(-1, 1))
-        step //= 2
+    corner = torch.zeros(b, 1, 1, device=device)
+    for _ in range(levels):
+        centre = wibbled_mean(_plus_rolled(s := _plus_rolled(corner, corner, -1, 1), s, -1, 2))
+        top = wibbled_mean(_plus_rolled(_plus_rolled(centre, centre, 1, 1) + corner, corner, -1, 2))
+        left = wibbled_mean(_plus_rolled(_plus_rolled(centre, centre, 1, 2) + corner, corner, -1, 1))
+        rows = (torch.stack([corner, top], -1).flatten(-2), torch.stack([left, centre], -1).flatten(-2))
+        corner = torch.stack(rows, 2).flatten(1, 2)  # [b, 2n, 2n]: corners and tops, then lefts and centres
         wibble /= wibbledecay
-    m = m - m.amin(dim=(1, 2), keepdim=True)
+    m = corner - corner.amin(dim=(1, 2), keepdim=True)
     return m / m.amax(dim=(1, 2), keepdim=True)
 
 
