@@ -1561,7 +1561,10 @@ def pixelate(x, severity, gen):
     c, _ = _pick(x, (.6, .5, .4, .3, .25), (.9, .8, .7, .6, .5), (.95, .9, .85, .75, .65), severity)
     h, w = x.shape[-2:]
     rows = _box_down_rows(x, int(h * c))
-    small = torch.cat([rows[..., a:b] @ m for a, b, m in _box_col_pieces(int(w * c), w, x.device)], -1)
+    small, col = rows.new_empty(rows.shape[:-1] + (int(w * c),)), 0
+    for a, b, m in _box_col_pieces(int(w * c), w, x.device):  # each piece's product straight into its columns
+        torch.matmul(rows[..., a:b], m, out=small[..., col:col + m.shape[1]])
+        col += m.shape[1]
     return F.interpolate(small, size=(h, w), mode="nearest-exact")
 
 
