@@ -1220,7 +1220,7 @@ def _procedural_frost(b, h, w, gen, device):
         n = _rand((b, 1, cells + 1, cells + 1), gen, device)
         cloud += weight * F.interpolate(n, size=(17, 17), mode="bicubic", align_corners=True)
     cloud = F.interpolate(cloud, size=(h, w), mode="bicubic", align_corners=True)
-    cloud = ((cloud - 0.2) / 0.6).clamp(0, 1)
+    cloud = cloud.sub_(0.2).div_(0.6).clamp_(0, 1)
     # 150 seeds per image, each the origin of crystal needles in three directions (motion-blur taps of
     # radius 0.2 side, weights scaled to 1 at the seed), stamped with one scatter-add
     if b * h * w >= 1 << 31:
@@ -1236,14 +1236,16 @@ def _procedural_frost(b, h, w, gen, device):
     needles = torch.zeros(b * h * w + 1, device=device)  # the last slot takes the taps off the image
     needles.index_add_(0, at.view(-1), (strength * weight).expand_as(at).reshape(-1))
     needles = needles[:-1].view(b, 1, h, w)
-    needles = _gaussian_blur(needles, 0.3 + 0.5 * side / 224).clamp(0, 1) ** 0.5
-    tex = 0.35 * cloud + 0.6 * needles * (0.3 + 0.7 * cloud)
-    tex = (tex - tex.mean(dim=(2, 3), keepdim=True)) / tex.std(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+    needles = _gaussian_blur(needles, 0.3 + 0.5 * side / 224).clamp_(0, 1).sqrt_()
+    lit = cloud.mul(0.7).add_(0.3)  # in place from here on: tex = 0.35 cloud + 0.6 needles (0.3 + 0.7 cloud)
+    tex = cloud.mul_(0.35).add_(needles.mul_(0.6).mul_(lit))
+    centre, spread = tex.mean(dim=(2, 3), keepdim=True), tex.std(dim=(2, 3), keepdim=True)
+    tex = tex.sub_(centre).div_(spread.clamp_min(1e-6))
     stats = torch.tensor([[*mean, spread, *sd] for mean, spread, sd in FROST_PHOTO_STATS])
     pick = stats[torch.randint(len(stats), (b,), generator=gen, device=gen.device)]  # [b, 7]
     mean = pick[:, :3] + pick[:, 3:4] * torch.randn((b, 1), generator=gen, device=gen.device)
     mean, sd = mean.to(device)[:, :, None, None], pick[:, 4:].to(device)[:, :, None, None]
-    return (mean + sd * tex).clamp(0, 1)
+    return torch.mul(sd, tex).add_(mean).clamp_(0, 1)
 
 
 def frost(x, severity, gen, frost_dir=None):
