@@ -1416,15 +1416,15 @@ def spatter(x, severity, gen):
     b, _, h, w = x.shape
     liquid = c[0] + c[1] * s * _randn((b, 1, h, w), gen, x.device)  # std scaled so the blurred field
     liquid = _gaussian_blur(liquid, c[2] * s)  # (and so the splash density) does not depend on the size
-    liquid = torch.where(liquid < c[3], 0, liquid)
+    liquid = liquid.masked_fill_(liquid < c[3], 0)
     if c[5] == 1:  # mud
         m = _gaussian_blur((liquid > c[3]).float(), c[4] * s)
         m = torch.where(m < 0.8, 0, m)
         brown = torch.tensor([63, 42, 20], device=x.device).view(1, 3, 1, 1) / 255
         return (x * (1 - m) + brown * m).clamp(0, 1)
-    liquid = torch.floor(liquid.clamp(0, 1) * 255)  # uint8, as the reference
+    liquid = liquid.clamp_(0, 1).mul_(255).floor_()  # uint8, as the reference
     dist = _distance_to(_canny(liquid, 50, 150), 20 * s)
-    dist = torch.floor(_box3(dist))
+    dist = _box3(dist).floor_()
     idx = dist.view(b, -1).long()  # cv2.equalizeHist, per image
     hist = torch.zeros(b, int(idx.max()) + 1, device=x.device).scatter_add_(1, idx, torch.ones_like(dist.view(b, -1)))
     cdf = hist.cumsum(1)
@@ -1432,9 +1432,9 @@ def spatter(x, severity, gen):
     lut = torch.round((cdf - first) * 255 / (h * w - first).clamp_min(1)).clamp(0, 255)
     dist = lut.gather(1, idx).view(b, 1, h, w)
     emboss = torch.tensor([[-2., -1, 0], [-1, 1, 1], [0, 1, 2]], device=x.device)
-    dist = _filter2d(dist, emboss).clamp(0, 255)  # cv2.filter2D, reflect-101 borders
-    m = liquid * _box3(dist)
-    m = m / m.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12) * c[4]
+    dist = _filter2d(dist, emboss).clamp_(0, 255)  # cv2.filter2D, reflect-101 borders
+    m = liquid.mul_(_box3(dist))
+    m = m.div_(m.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)).mul_(c[4])
     turquoise = torch.tensor([175, 238, 238], device=x.device).view(1, 3, 1, 1) / 255
     return torch.addcmul(x, m, turquoise).clamp_(0, 1)
 
