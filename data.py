@@ -1171,13 +1171,13 @@ def snow(x, severity, gen):
     b, _, h, w = x.shape
     flakes = c[0] + c[1] * _randn((b, 1, h, w), gen, x.device)
     flakes = _clipped_zoom(flakes, max(1.0, c[2] * s))
-    flakes = torch.where(flakes < c[3], 0, flakes)
-    flakes = torch.floor(flakes.clamp(0, 1) * 255) / 255  # the reference saves the layer as 8-bit PNG
+    flakes = flakes.masked_fill_(flakes < c[3], 0)
+    flakes = flakes.clamp_(0, 1).mul_(255).floor_().div_(255)  # the reference saves the layer as 8-bit PNG
     angles = _uniform((b,), -135, -45, gen, x.device)
     flakes = _motion_blur(flakes, c[4] * s, c[5] * s, angles)
     gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-    x = c[6] * x + (1 - c[6]) * torch.maximum(x, gray * 1.5 + 0.5)
-    return (x + flakes).add_(flakes.flip(-1, -2)).clamp_(0, 1)
+    x = torch.mul(x, c[6]).add_(torch.maximum(x, gray.mul_(1.5).add_(0.5)).mul_(1 - c[6]))
+    return x.add_(flakes).add_(flakes.flip(-1, -2)).clamp_(0, 1)
 
 
 FROST_FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg", "frost6.jpg")
@@ -1502,14 +1502,14 @@ def elastic_transform(x, severity, gen):
     affine[:, 2, 2] = 1
     inverse = torch.linalg.inv(affine)  # warpAffine samples the source at M^-1 (dst)
     noise = _uniform((b, 2, h, w), -1, 1, gen, dev)
-    disp = _gaussian_blur(noise, sigma, truncate=3, mode="reflect") * alpha if alpha > 0 and sigma > 0 \
+    disp = _gaussian_blur(noise, sigma, truncate=3, mode="reflect").mul_(alpha) if alpha > 0 and sigma > 0 \
         else torch.zeros_like(noise)
     gy, gx = torch.meshgrid(torch.arange(h, device=dev, dtype=torch.float32),
                             torch.arange(w, device=dev, dtype=torch.float32), indexing="ij")
     px, py = gx + disp[:, 0], gy + disp[:, 1]  # [b, h, w]: where the affine-warped image is read
     sx = inverse[:, 0, 0, None, None] * px + inverse[:, 0, 1, None, None] * py + inverse[:, 0, 2, None, None]
     sy = inverse[:, 1, 0, None, None] * px + inverse[:, 1, 1, None, None] * py + inverse[:, 1, 2, None, None]
-    grid = torch.stack([2 * sx / (w - 1) - 1, 2 * sy / (h - 1) - 1], dim=-1)
+    grid = torch.stack([sx.mul_(2).div_(w - 1).sub_(1), sy.mul_(2).div_(h - 1).sub_(1)], dim=-1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=True).clamp_(0, 1)
 
 
