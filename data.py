@@ -866,6 +866,7 @@ def _hash_(x, k2, tmp, bits=False):
 
 
 def _rand_keys(gen):
+    """The two int32 keys of one draw, from the seeded CPU generator."""
     return torch.randint(-(1 << 31), 1 << 31, (2,), generator=gen).tolist()
 
 
@@ -903,8 +904,10 @@ def _rand_many(shapes, gen, device, small=1 << 14):
     if few:
         counts = torch.tensor([sizes[i] for i in few], device=device)
         first = counts.cumsum(0) - counts
-        k1, k2 = torch.tensor([keys[i] for i in few], dtype=torch.int32, device=device).repeat_interleave(counts, 0).unbind(1)
-        x = (torch.arange(int(counts.sum()), device=device) - first.repeat_interleave(counts)).int().mul_(_GOLDEN).add_(k1)
+        keys_each = torch.tensor([keys[i] for i in few], dtype=torch.int32, device=device).repeat_interleave(counts, 0)
+        k1, k2 = keys_each.unbind(1)
+        counter = torch.arange(int(counts.sum()), device=device) - first.repeat_interleave(counts)  # within its draw
+        x = counter.int().mul_(_GOLDEN).add_(k1)
         out.update(zip(few, _hash_(x, k2, torch.empty_like(x)).split([sizes[i] for i in few])))
     return [out[i].view(shape) for i, shape in enumerate(shapes)]
 
@@ -987,7 +990,7 @@ def _poisson(x, top, gen, levels=255, bins=1024):
     draw = entry.view(-1).index_select(0, cell).add_(v.bitwise_and_((1 << shift) - 1)).bitwise_right_shift_(shift)
     idx = (draw < 0).nonzero()[:, 0]
     if len(idx):
-        cell = cell[idx]
+        cell = cell[idx]  # v holds r = v mod span now: U = ((j << shift) + r + 1/2) / 2^23, exactly
         u = cell.sub(g[idx], alpha=bins).mul_(1 << shift).add_(v[idx]).float().add_(0.5).mul_(2 ** -23)
         row, lo = g[idx] * row_len, -1 - draw[idx]
         hi = quantile.view(-1)[cell + cell // bins + 1]  # the upper edge: row g, column j + 1 of [levels + 1, bins + 1]
@@ -1123,7 +1126,7 @@ def glass_blur(x, severity, gen):
     # pixel indices in int32: the gathers below are random reads, and half the bytes stay in cache
     visit = visit.to(dev, torch.int32).repeat(b)
     here = (pos.to(dev)[:, None] + torch.arange(b, device=dev) * (h * w)).flatten()  # images inner
-    here32 = here.int()
+    here32 = here.int()  # (index_copy_ takes int64 indices only)
     perm = torch.arange(total, device=dev, dtype=torch.int32)  # the source pixel now at flat position p (image-major)
     for _ in range(rounds):
         off = _rand((len(pos), b, 2), gen, dev).mul_(2 * delta).int().sub_(delta)   # uniform in [-delta, delta)
@@ -1232,7 +1235,8 @@ def _procedural_frost(b, h, w, gen, device):
     weight = torch.cat([t[2] / t[2][0] for t in taps])  # [3 * width]
     y, x = seed_at[..., 0] - dy, seed_at[..., 1] - dx  # [b, 150, 3 * width]; correlation flips the taps
     outside = (y < 0) | (y >= h) | (x < 0) | (x >= w)
-    at = ((torch.arange(b, device=device, dtype=torch.int32)[:, None, None] * h + y) * w + x).masked_fill_(outside, b * h * w)
+    image = torch.arange(b, device=device, dtype=torch.int32)[:, None, None]
+    at = ((image * h + y) * w + x).masked_fill_(outside, b * h * w)
     needles = torch.zeros(b * h * w + 1, device=device)  # the last slot takes the taps off the image
     needles.index_add_(0, at.view(-1), (strength * weight).expand_as(at).reshape(-1))
     needles = needles[:-1].view(b, 1, h, w)
