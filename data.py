@@ -873,15 +873,14 @@ def _rand_keys(gen):
 def _rand(shape, gen, device, bits=False):
     """U(0, 1) on a 2^-23 grid, (v + 1/2) / 2^23 for 23 hashed bits v (exact in float32: never 0 or 1), keyed
     by gen: the same numbers on every device. bits: v instead (int32)."""
-    device, n = torch.device(device), math.prod(shape)
-    if n >= 1 << 31:
-        raise UserError(f"{n} random numbers asked for at once; corrupt fewer images per call (at most 2^31)")
-    return _hashed(n, _rand_keys(gen), device, bits).view(shape)
+    return _hashed(math.prod(shape), _rand_keys(gen), torch.device(device), bits).view(shape)
 
 
 def _hashed(n, keys, device, bits=False):
     """The n numbers (or bits) of one key pair. On the CPU they are made in cache-sized pieces, so the
     passes stay in cache (the numbers do not depend on the piece size)."""
+    if n >= 1 << 31:  # the counters are int32
+        raise UserError(f"{n} random numbers asked for at once; corrupt fewer images per call (at most 2^31)")
     k1, k2 = keys
     chunk = max(1, min(n, _RAND_CHUNK * torch.get_num_threads() if device.type == "cpu" else n))
     out = torch.empty(n, dtype=torch.int32, device=device)

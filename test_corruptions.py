@@ -427,12 +427,14 @@ def test_cuda_gives_the_cpu_image(name):
 
 def test_rand_many_draws_what_rand_draws_in_turn():
     """data._rand_many: the numbers of one _rand call per shape, in order (small draws made together)."""
-    from data import _rand, _rand_many
+    from data import UserError, _rand, _rand_many
     shapes = [(2, 3), (5,), (1 << 15,), (4, 1, 1), (3, 300), (1,)]  # one of them large enough to go alone
     many = _rand_many(shapes, torch.Generator().manual_seed(3), "cpu")
     gen = torch.Generator().manual_seed(3)
     for got, shape in zip(many, shapes, strict=True):
         assert got.shape == shape and torch.equal(got, _rand(shape, gen, "cpu"))
+    with pytest.raises(UserError, match="at most 2\\^31"):  # int32 counters: refused before any work
+        _rand_many([(2, 1 << 30)], gen, "cpu")
 
 
 @pytest.mark.parametrize("delta", [1, 2, 3])
