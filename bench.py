@@ -93,17 +93,21 @@ def peak_tflops(device_name):
     return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
 
 
+def sync(device):
+    """Wait for the device's queued work (CUDA runs asynchronously; the CPU does not)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn, steps, warmup, device):
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -113,13 +117,11 @@ def back_to_back(fn, calls, warmup, device):
     training loop issues them (the host prepares the next call while the device runs the last one)."""
     for _ in range(warmup):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return (time.perf_counter() - t0) / calls
 
 
@@ -131,8 +133,7 @@ def write_profile(fn, device, path, calls=3):
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         for _ in range(calls):
             fn()
-        if cuda:
-            torch.cuda.synchronize()
+        sync(device)
     table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
                                       row_limit=40, max_name_column_width=80)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
