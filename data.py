@@ -183,10 +183,15 @@ def check_image_folder(root, flag="--data-dir"):
 
 
 def read_rgb(path):
-    """Decode an image file to a uint8 [3, H, W] tensor."""
-    with warnings.catch_warnings():  # torchvision 0.29 flags its decoders as deprecated (for TorchCodec)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_image(path, mode=ImageReadMode.RGB)
+    """Decode an image file to a uint8 [3, H, W] tensor: torchvision's decoders (JPEG, PNG, WebP, GIF),
+    PIL for the other formats IMG_EXTENSIONS admits (BMP, TIFF)."""
+    if not path.lower().endswith((".bmp", ".tif", ".tiff")):
+        with warnings.catch_warnings():  # torchvision 0.29 flags its decoders as deprecated (for TorchCodec)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_image(path, mode=ImageReadMode.RGB)
+    from PIL import Image
+    with Image.open(path) as image:
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
 class ImageFolderSafe(tv_datasets.DatasetFolder):
@@ -599,6 +604,10 @@ class BlockSampler(Sampler):
 def collate_skip(batch):
     """default_collate without the None items an unreadable image leaves behind (None if none are left)."""
     batch = [b for b in batch if b is not None]
+    sizes = sorted({tuple(b[0].shape[-2:]) for b in batch if torch.is_tensor(b[0])})
+    if len(sizes) > 1:   # on-disk sets are read without a resize (ImageNet-C's files are all 224 px)
+        raise UserError(f"images of one set differ in size ({sizes[0]} and {sizes[-1]}): an on-disk corruption "
+                        f"set must hold images of one size (224 px for ImageNet-C); regenerate or resize it")
     return default_collate(batch) if batch else None
 
 

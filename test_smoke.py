@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 python -m pytest -q
 """
+import argparse
 import json
 import math
 import os
@@ -310,3 +311,54 @@ def test_torchrun_two_processes(tmp_path):
     assert len(log) == 3 and log[-1]["final"]["ranks_agree"] is True   # 2 epochs + final, written once
     assert log[-1]["final"]["step"] == 2 * (96 // (16 * 2))             # each rank sees half the data
     assert p.stdout.count("final:") == 1                                # only rank 0 prints
+
+
+# ----------------------------------------------------------------------------- flags and files at their edges
+
+def test_number_flags_and_a_truncated_log_line():
+    assert train_teacher.fraction("8/255") == pytest.approx(8 / 255)
+    for bad in ("8/0", "nan", "inf", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            train_teacher.fraction(bad)
+    assert train_teacher.get_parser().parse_args(["--aug", "augmix", "--jsd"]).jsd == 12   # DESIGN.md's spelling
+    assert train_teacher._log_step('{"step": 3}\n', 9) == 3
+    assert train_teacher._log_step('{"step": 3, "lo', 9) == math.inf   # a line cut short by a crash: dropped
+    params = [nn.Parameter(torch.zeros(2, 2))]
+    assert not train_teacher.build_optimizer(params, "sgd", 0.1, 0.0, momentum=0.0).param_groups[0]["nesterov"]
+    autocast, _ = train_teacher.amp_setup(torch.device("cpu"), True, "bf16")
+    with autocast():   # --amp is CUDA's: the CPU stays fp32
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_a_checkpoint_brings_its_own_model_kwargs(tmp_path):
+    """--pretrained-file / --init-checkpoint / --resume with a project checkpoint build the model it holds
+    and save those kwargs (not the command line's); a --pretrained run resumes without the hub."""
+    out, _ = run_teacher(tmp_path, "base")
+    ckpt = load_checkpoint(os.path.join(out, "last.pt"))
+    for flag, name in (("--pretrained-file", "from_file"), ("--init-checkpoint", "init")):
+        run = str(tmp_path / name)
+        train_teacher.main(FMNIST + ["--arch", "resnet18", flag, os.path.join(out, "last.pt"), "--epochs", "2",
+                                     "--stop-after", "1", "--output", run])
+        saved = load_checkpoint(os.path.join(run, "last.pt"))
+        assert saved["model_kwargs"] == ckpt["model_kwargs"]
+        train_teacher.load_model(os.path.join(run, "best.pt"))
+    last = os.path.join(tmp_path / "init", "last.pt")
+    torch.save(dict(saved, args=dict(saved["args"], pretrained=True)), last)   # as if started with --pretrained
+    result = train_teacher.main(FMNIST + ["--arch", "resnet18", "--pretrained", "--epochs", "2", "--resume", last,
+                                          "--output", str(tmp_path / "init")])
+    assert result["epochs_done"] == 2
+
+
+def test_bmp_tiff_and_mixed_sizes(tmp_path, capsys):
+    from PIL import Image
+    pixels = torch.randint(0, 256, (6, 5, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for ext in ("bmp", "tiff"):
+        Image.fromarray(pixels.numpy()).save(tmp_path / f"a.{ext}")
+        assert torch.equal(data.read_rgb(str(tmp_path / f"a.{ext}")), pixels.permute(2, 0, 1))
+    mixed = [(torch.zeros(3, 8, 8), 0), (torch.zeros(3, 9, 9), 1)]
+    loader = torch.utils.data.DataLoader(mixed, batch_size=2, num_workers=1, collate_fn=data.collate_skip)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):   # raised in a worker process: still one line, no traceback
+        train_teacher.run_main(lambda args: next(iter(loader)), [], argparse.ArgumentParser())
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "images of one set differ in size ((8, 8) and (9, 9))" in err[0], err

@@ -49,9 +49,12 @@ def fraction(text):
     """A float that may be written as a fraction, e.g. 8/255."""
     num, _, den = text.partition("/")
     try:
-        return float(num) / float(den or 1)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a fraction like 8/255") from None
+        value = float(num) / float(den or 1)
+    except (ValueError, ZeroDivisionError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number or a fraction like 8/255")
+    return value
 
 
 def add_model_args(parser, name_flags=("--arch", "--model"), default="resnet18"):
@@ -107,7 +110,7 @@ def get_parser():
     add_train_args(p)
     p.add_argument("--aug", default="none", choices=["none", "augmix"], help="robust augmentation")
     add_aug_args(p)
-    p.add_argument("--jsd", type=float, default=0.0, help="Jensen-Shannon consistency weight over clean + 2 "
+    p.add_argument("--jsd", type=float, nargs="?", const=12.0, default=0.0, help="Jensen-Shannon consistency weight over clean + 2 "
                    "AugMix views (0 = off; 12 is the AugMix paper's)")
     p.add_argument("--adv", default="none", choices=["none", "pgd"], help="adversarial training")
     p.add_argument("--adv-norm", default="linf", choices=["linf", "l2"], help="PGD threat model")
@@ -181,8 +184,10 @@ def ranks_agree(module, device):
 
 
 def amp_setup(device, amp, amp_dtype):
-    """One autocast context factory and a GradScaler that only switches on for fp16."""
+    """One autocast context factory and a GradScaler that only switches on for fp16. Mixed precision is
+    for CUDA (DESIGN.md 5): on other devices --amp leaves the run in fp32."""
     dtype = torch.float16 if amp_dtype == "fp16" else torch.bfloat16
+    amp = amp and device.type == "cuda"
     autocast = partial(torch.autocast, device.type, dtype=dtype, enabled=amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp and dtype == torch.float16)
     return autocast, scaler
@@ -279,7 +284,15 @@ RUN_FILES = ("last.pt", "best.pt", "log.jsonl")
 # with it added or dropped; --device and --aug-device decide where and how the numbers are computed (batched
 # AugMix draws other views than the loader's), so they stay part of the recipe.
 RESUME_FREE = {"workers", "output", "resume", "overwrite", "stop_after", "save_every", "data_dir", "epochs",
-               "pretrained_file", "init_checkpoint", "deterministic"}
+               "pretrained", "pretrained_file", "init_checkpoint", "deterministic"}   # the checkpoint holds the weights
+
+
+def _log_step(line, default):
+    """The step of one log.jsonl line; a line cut short by a crash counts as past any step (dropped)."""
+    try:
+        return json.loads(line).get("step", default) if line.strip() else math.inf
+    except ValueError:
+        return math.inf
 
 
 def lock_holder(output):
@@ -391,7 +404,7 @@ class RunLog:
         if step is None or not os.path.isfile(path):
             return
         with open(path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line).get("step", step + 1) <= step]
+            lines = [line for line in f if _log_step(line, step + 1) <= step]
         tmp = temp_name(path)
         with open(tmp, "x") as f:
             f.writelines(lines)
@@ -463,8 +476,10 @@ def load_weights(model, path, flag="--pretrained-file"):
 
 
 def create_model(arch, num_classes, pretrained=False, pretrained_file=None, model_kwargs=None,
-                 flag="--pretrained-file", **extra):
-    """A bare timm model. Errors a user can cause are one sentence, raised before heavy work."""
+                 flag="--pretrained-file", class_names=None, **extra):
+    """A bare timm model. Errors a user can cause are one sentence, raised before heavy work.
+    model.timm_kwargs holds the keyword arguments it was built with (a checkpoint of this project
+    brings its own); class_names, when given, must match such a checkpoint's classes."""
     import timm
 
     kwargs = dict(model_kwargs or {}, **extra)
@@ -486,6 +501,13 @@ def create_model(arch, num_classes, pretrained=False, pretrained_file=None, mode
                             f"branch), not full weights; give the base weights or a train_teacher.py checkpoint")
         if own is not None and own["arch"] != arch:
             raise UserError(f"{flag}: {pretrained_file} holds a {own['arch']}, not a {arch}")
+        if own is not None and model_kwargs and dict(model_kwargs) != own["model_kwargs"]:
+            raise UserError(f"--model-kwargs: {pretrained_file} was built with {own['model_kwargs']}, not "
+                            f"{dict(model_kwargs)}; leave --model-kwargs out (the file brings its own)")
+        if own is not None and class_names is not None and own["num_classes"] == num_classes and \
+                own.get("class_names", class_names) != class_names:
+            raise UserError(f"{flag}: {pretrained_file} was trained on other classes ({', '.join(own['class_names'][:3])}, "
+                            f"...) than the data's ({', '.join(class_names[:3])}, ...); give weights for these classes")
     try:
         if own is not None:  # a checkpoint of this project: same model kwargs, keep or replace its head
             model = timm.create_model(arch, num_classes=own["num_classes"], **dict(own["model_kwargs"], **extra))
@@ -501,10 +523,11 @@ def create_model(arch, num_classes, pretrained=False, pretrained_file=None, mode
     except (RuntimeError, OSError, ValueError) as e:
         if pretrained and not pretrained_file:
             raise UserError(f"could not fetch pretrained weights for {arch} ({type(e).__name__}); check the network, "
-                            f"or download them elsewhere and pass --pretrained-file PATH") from None
+                            f"or download them elsewhere and pass {flag} PATH") from None
         raise UserError(f"could not build {arch} from {pretrained_file or 'scratch'}: {str(e).splitlines()[0][:200]}") from None
     if pretrained_file and own is None:
         load_weights(model, pretrained_file, flag)
+    model.timm_kwargs = dict(own["model_kwargs"]) if own is not None else dict(model_kwargs or {})
     return model
 
 
@@ -619,7 +642,7 @@ def build_optimizer(params, opt, lr, weight_decay, momentum=0.9, device=None):
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
     fused = device is not None and device.type == "cuda"
     if opt == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
     return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
 
@@ -694,7 +717,7 @@ def check_train_args(args):
             ("--drop-path", args.drop_path, 0 <= args.drop_path < 1, "a rate in [0, 1)"),
             ("--stop-after", args.stop_after, args.stop_after >= 0, "0 (off) or an epoch"),
             ("--save-every", args.save_every, args.save_every >= 0, "0 (epoch ends only) or a number of steps")):
-        if not ok:
+        if not (ok and math.isfinite(value)):
             raise UserError(f"{flag} {value:g}: give {want}")
     if args.pretrained_file and args.pretrained:
         raise UserError("--pretrained and --pretrained-file both given; keep one")
@@ -711,9 +734,9 @@ def check_args(args):
         if args.adv_norm == "linf" and (args.adv_eps > 0.5 or args.adv_step > 0.5):
             raise UserError(f"--adv-eps {args.adv_eps:g} / --adv-step {args.adv_step:g} look like 0-255 units; give them "
                             f"in [0, 1], e.g. --adv-eps 8/255 --adv-step 2/255")
-        if args.adv_eps <= 0 or args.adv_steps < 1:
-            raise UserError("--adv pgd needs --adv-eps > 0 and --adv-steps >= 1")
-    if args.jsd < 0 or (args.jsd and args.aug != "augmix"):
+        if not (args.adv_eps > 0 and args.adv_step > 0) or args.adv_steps < 1:
+            raise UserError("--adv pgd needs --adv-eps > 0, --adv-step > 0 and --adv-steps >= 1")
+    if not (math.isfinite(args.jsd) and args.jsd >= 0) or (args.jsd and args.aug != "augmix"):
         raise UserError("--jsd needs AugMix views and a weight >= 0; add --aug augmix (e.g. --jsd 12)")
     if args.init_checkpoint and not os.path.isfile(args.init_checkpoint):
         raise UserError(f"--init-checkpoint: file {args.init_checkpoint} does not exist")
@@ -725,7 +748,10 @@ def run_main(fn, argv, parser):
     try:
         return fn(args)
     except UserError as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        msg = str(e)
+        if "Original Traceback" in msg:   # raised in a DataLoader worker, which wraps it: its own line only
+            msg = msg.strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        print(f"{os.path.basename(sys.argv[0])}: error: {msg}", file=sys.stderr)
         raise SystemExit(2)
     finally:
         if dist.is_initialized() and os.environ.get("ROBUSTIFY_KEEP_PG") != "1":
@@ -763,7 +789,14 @@ def train(args):
         if start.get("arch") != args.arch or start.get("num_classes") != len(classes):
             raise UserError(f"{flag}: {args.resume or args.init_checkpoint} holds a {start.get('arch')} with "
                             f"{start.get('num_classes')} classes; this run builds a {args.arch} with {len(classes)}")
-    model = create_model(args.arch, len(classes), args.pretrained, args.pretrained_file, kwargs, **extra)
+        if kwargs and kwargs != start["model_kwargs"]:
+            raise UserError(f"--model-kwargs: {args.resume or args.init_checkpoint} holds a model built with "
+                            f"{start['model_kwargs']}; leave --model-kwargs out (the checkpoint brings its own)")
+        kwargs = start["model_kwargs"]
+    # a starting checkpoint holds the weights: nothing to fetch or load before them
+    model = create_model(args.arch, len(classes), args.pretrained and start is None,
+                         args.pretrained_file if start is None else None, kwargs, class_names=classes, **extra)
+    kwargs = model.timm_kwargs   # what it was built with (a --pretrained-file checkpoint brings its own)
     if start is not None:
         model.load_state_dict(start["model"])
     cfg = model_data_config(model, args.img_size or native_size(args.dataset))
@@ -811,13 +844,17 @@ def train(args):
     while epoch < args.epochs:
         start_epoch(train_loader, epoch, args.seed, rank, skip)
         net.train()
-        t0, seen, loss_sum, skipped0 = time.time(), 0, 0.0, skipped_images(train_set)
+        t0, seen, seen0, loss_sum, skipped0 = time.time(), 0, 0, 0.0, skipped_images(train_set)
         if skip:   # mid-epoch resume: this rank's random state and epoch counters as they were
             mid = restore_rank_state(start["ranks"], rank, device)
             seen, loss_sum, skipped0 = mid["seen"], mid["loss_sum"], skipped0 - mid["skipped"]
+        seen0 = seen   # images/s counts what this process trains
         bar = progress(train_loader, rank, f"epoch {epoch + 1}/{args.epochs}")
         for i, batch in enumerate(bar, skip):
-            if batch is None:
+            if batch is None:   # every image unreadable: one process skipping a step would hang the others
+                if world > 1:
+                    raise UserError(f"a whole training batch of rank {rank} is unreadable images; replace the "
+                                    f"broken files in --data-dir (or raise -b)")
                 continue
             views, y = batch
             x = device_views(views, device, batch_aug, n_aug)   # --aug-device cuda: AugMix views made here
@@ -841,7 +878,7 @@ def train(args):
             step += 1
             seen += len(y) * world
             loss_sum += loss.item()
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.time() - t0):.0f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{(seen - seen0) / (time.time() - t0):.0f}")
             if args.save_every and step % args.save_every == 0 and i + 1 < len(train_loader):
                 ranks = rank_states(device, seen=seen, loss_sum=loss_sum, skipped=skipped_images(train_set) - skipped0)
                 if rank == 0:
@@ -855,8 +892,9 @@ def train(args):
         skipped = all_sum([skipped_images(train_set) - skipped0], device)[0]
         is_best = acc > best
         best, best_step = max(best, acc), step if is_best else best_step
-        metrics = dict(epoch=epoch, step=step, lr=lr, train_loss=loss_sum / max(1, len(train_loader)), val_acc=acc,
-                       best_acc=best, epoch_time_s=round(train_time, 2), img_s=round(seen / train_time, 1),
+        train_loss = all_sum([loss_sum], device)[0] / max(1, world * len(train_loader))   # every rank's batches
+        metrics = dict(epoch=epoch, step=step, lr=lr, train_loss=train_loss, val_acc=acc,
+                       best_acc=best, epoch_time_s=round(train_time, 2), img_s=round((seen - seen0) / train_time, 1),
                        skipped_images=int(skipped))
         log(f"epoch {epoch}: loss {metrics['train_loss']:.4f}  val top-1 {acc:.2f}%  ({train_time:.0f}s, "
             f"{metrics['img_s']:.0f} img/s{f', {int(skipped)} unreadable images skipped' if skipped else ''})", **metrics)
