@@ -24,10 +24,12 @@ The checkpoint holds only the delta (branch, two heads, tau) plus what rebuilds 
 """
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import math
 import os
+import re
 import time
 
 import torch
@@ -61,7 +63,8 @@ def get_parser():
     add_model_args(p, ("--student",), default="vit_l16")
     p.add_argument("--teacher", default="none", help="robust teacher: a train_teacher.py checkpoint, a timm name "
                    "(hub weights), or 'none' (the no-teacher baselines)")
-    p.add_argument("--tune-last", default="4", help="blocks to tune in the branch: K, or 'all' (complete fine-tuning)")
+    p.add_argument("--tune-last", default=None, help="blocks to tune in the branch: K (default 4), or 'all' (complete "
+                   "fine-tuning)")
     p.add_argument("--tune-first", type=int, default=None, help="instead: the branch is a copy of the first K blocks, "
                    "whose output runs through the frozen later blocks (see BranchStudent)")
     p.add_argument("--kd-target", default="uncertainty", choices=["uncertainty", "teacher"],
@@ -76,7 +79,7 @@ def get_parser():
     p.add_argument("--tau-quantile", type=float, default=0.95, help="tau = this quantile of KL(clean||robust) "
                    "on the held-out slice")
     add_train_args(p, lr=1e-4, opt="adamw", epochs=3, opts=("adamw", "sgd", "ftp"))
-    p.set_defaults(output="runs/student", weight_decay=0.05)
+    p.set_defaults(output="runs/student", weight_decay=None)   # 0.05; FTP: 0 (it pulls toward the start, not 0)
     add_aug_args(p)
     return p
 
@@ -84,13 +87,30 @@ def get_parser():
 # ----------------------------------------------------------------------------- the branch student
 
 def student_blocks(model):
-    """('vit', blocks) for timm Vision Transformers (CLIP towers included), ('cnn', blocks) for
-    ResNet-style CNNs (the residual blocks of layer1..layer4 in order); None for other models."""
-    if hasattr(model, "blocks") and hasattr(model, "patch_embed"):
+    """('vit', blocks) for timm's VisionTransformer (CLIP towers included; not the distilled DeiT with its
+    two heads), ('cnn', blocks) for timm's ResNet family (the residual blocks of layer1..layer4 in
+    order); None for other models (BEiT, EVA, ConvNeXt, ...: only --tune-last all works for them)."""
+    from timm.models.vision_transformer import VisionTransformer
+    if isinstance(model, VisionTransformer) and getattr(model, "dist_token", None) is None:
         return "vit", list(model.blocks)
-    if all(hasattr(model, f"layer{i}") for i in range(1, 5)):
+    stem_parts = ("conv1", "bn1", "act1", "maxpool", "global_pool", "fc")
+    if all(hasattr(model, a) for a in stem_parts + tuple(f"layer{i}" for i in range(1, 5))):
         return "cnn", [b for i in range(1, 5) for b in getattr(model, f"layer{i}")]
     return None, []
+
+
+def pool_tokens(h, pool_type, prefix, include_prefix):
+    """timm's global_pool_nlc (not in every timm 1.0.x): pool a ViT's tokens [B, N, D] to [B, D]."""
+    if pool_type == "token":
+        return h[:, 0]
+    h = h if include_prefix else h[:, prefix:]
+    if pool_type == "avg":
+        return h.mean(1)
+    if pool_type == "max":
+        return h.amax(1)
+    if pool_type == "avgmax":
+        return 0.5 * (h.amax(1) + h.mean(1))
+    return h
 
 
 def depth(model):
@@ -126,10 +146,8 @@ class Tail(nn.Module):
             return F.dropout(self.global_pool(h), self.drop_rate, self.training)
         if self.attn_pool is not None:
             h = self.attn_pool(h if self.include_prefix else h[:, self.prefix:])
-        elif self.pool_type == "token":
-            h = h[:, 0]
         elif self.pool_type:
-            h = (h if self.include_prefix else h[:, self.prefix:]).mean(1)
+            h = pool_tokens(h, self.pool_type, self.prefix, self.include_prefix)
         return self.head_drop(self.fc_norm(h))
 
 
@@ -165,12 +183,15 @@ class BranchStudent(nn.Module):
     def __init__(self, model, data_config, k, branch_dropout=0.0, at="end"):
         super().__init__()
         family, blocks = student_blocks(model)
-        k = len(blocks) if k == "all" else int(k)
         flag = "--tune-first" if at == "start" else "--tune-last"
-        if k != len(blocks) and family is None:
+        if not isinstance(model.get_classifier(), nn.Module):
+            raise UserError(f"{flag} {k}: {type(model).__name__} has several classifiers "
+                            f"({type(model.get_classifier()).__name__}); give a student with one")
+        if k != "all" and family is None:
             raise UserError(f"{flag} {k}: {type(model).__name__} is neither a timm ViT nor a ResNet-style CNN; "
                             f"only --tune-last all works for it")
-        if not 1 <= k <= len(blocks) - (at == "start"):
+        k = len(blocks) if k == "all" else int(k)
+        if family is not None and not 1 <= k <= len(blocks) - (at == "start"):
             raise UserError(f"{flag} {k}: the student has {len(blocks)} blocks; give 1..{len(blocks) - (at == 'start')}"
                             + (" (at least one block must stay after the copy)" if at == "start" else " or 'all'"))
         self.k, self.n_blocks, self.at = k, len(blocks), at
@@ -190,6 +211,18 @@ class BranchStudent(nn.Module):
         self.head_robust = copy.deepcopy(self.head_clean).requires_grad_(True)
         self.head_combined = copy.deepcopy(self.head_clean).requires_grad_(True)
         self.eval()
+        self._check_clean_path(flag)
+
+    @torch.no_grad()
+    def _check_clean_path(self, flag):
+        """The clean head must be the original model: one image through both, refused if they differ
+        (a timm variant whose forward does more than stem -> blocks -> norm -> pool)."""
+        x = torch.rand(1, 3, *self.wrap.size, generator=torch.Generator().manual_seed(0))
+        x = x.to(next(self.model.parameters()).device)
+        clean = self(x, clean_rows=slice(0, 1))[0]
+        if not torch.allclose(clean, self.model(self.wrap.normalize(x)), rtol=1e-4, atol=1e-5):
+            raise UserError(f"{flag} {self.k}: {type(self.model).__name__}'s forward is more than its stem and "
+                            f"blocks in order and its head, so the branch cannot keep its clean head exact")
 
     @property
     def model(self):
@@ -277,17 +310,23 @@ def predict(student, x, head="auto", mc_samples=1, grad=False):
 
 
 @torch.no_grad()
-def calibrate_tau(student, loader, device, quantile=0.95, mc_samples=1, autocast=None):
+def calibrate_tau(student, loader, device, quantile=0.95, mc_samples=1, autocast=None, seed=0):
     """tau = quantile of s = KL(p_clean || p_robust) on held-out clean training images: about
     (1 - quantile) of in-distribution inputs are then routed away from the clean head."""
     student.eval()
     scores = []
-    for batch in loader:
-        if batch is None:
-            continue
-        x = batch[0].to(device, non_blocking=True)
-        with autocast() if autocast else torch.autocast(device.type, enabled=False):
-            scores.append(select_head(*student(x, mc_samples=mc_samples), float("inf"))[2].float())
+    # MC-dropout masks from a fixed seed: every rank (each scores the whole slice) gets the same tau
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for batch in loader:
+            if batch is None:
+                continue
+            x = batch[0].to(device, non_blocking=True)
+            with autocast() if autocast else torch.autocast(device.type, enabled=False):
+                scores.append(select_head(*student(x, mc_samples=mc_samples), float("inf"))[2].float())
+    if not scores:
+        raise UserError("no readable image in the calibration slice (--calib-size); replace the broken files "
+                        "in --data-dir")
     return float(torch.quantile(torch.cat(scores).cpu(), quantile))
 
 
@@ -304,15 +343,17 @@ def kd_target(teacher_logits, student_logits, T):
     return w[:, None] * t + (1 - w[:, None]) * o, w
 
 
-def method_loss(robust_aug, combined_clean, combined_aug, y, q=None, T=2.0, lam=0.5):
+def method_loss(robust_aug, combined_clean, combined_aug, y, q=None, T=2.0, lam=0.5, smoothing=0.0):
     """L = (1-lam) CE(h_r(x'), y) + lam T^2 KL(q || softmax(h_r(x')/T)) + CE(h_m(x), y) + CE(h_m(x'), y),
-    in fp32. Without a teacher (q None) the robust head is trained with plain cross-entropy."""
+    in fp32 (each CE with label smoothing `smoothing`). Without a teacher (q None) the robust head is
+    trained with cross-entropy alone."""
     robust_aug, combined_clean, combined_aug = robust_aug.float(), combined_clean.float(), combined_aug.float()
-    loss_r = F.cross_entropy(robust_aug, y)
+    ce = functools.partial(F.cross_entropy, label_smoothing=smoothing)
+    loss_r = ce(robust_aug, y)
     if q is not None and lam > 0:
         kd = F.kl_div((robust_aug / T).log_softmax(-1), q, reduction="batchmean") * T * T
         loss_r = (1 - lam) * loss_r + lam * kd
-    return loss_r + F.cross_entropy(combined_clean, y) + F.cross_entropy(combined_aug, y)
+    return loss_r + ce(combined_clean, y) + ce(combined_aug, y)
 
 
 # ----------------------------------------------------------------------------- FTP (--opt ftp)
@@ -437,7 +478,8 @@ class FTP(torch.optim.Optimizer):
 def wise_ft(student, alpha):
     """WiSE-FT (Wortsman et al. 2022) without retraining: a new student whose branch and new heads are
     (1 - alpha) * their starting weights + alpha * the tuned ones. The starting weights are the frozen
-    tail and clean head, so alpha 0 is the original model and alpha 1 the tuned student."""
+    tail and clean head, so alpha 0 is the original model and alpha 1 the tuned student. tau stays the
+    tuned student's (calibrated at alpha 1): --head auto at other alphas routes with that threshold."""
     out = copy.deepcopy(student)
     start = dict(out.origin.named_parameters())
     if out.at == "end" and out.branch.full:   # the branch copy has no classifier; the tail's copy does
@@ -478,14 +520,16 @@ def delta_state(student):
 
 
 def build_base(base, pretrained_file=None):
-    """Rebuild the frozen base model a delta was trained on, and check it is the same one."""
-    if base["source"] == "init":
+    """Rebuild the frozen base model a delta was trained on, and check it is the same one. The seed
+    rebuilds what the weights do not hold: a random-init base, or a classifier made for new classes."""
+    if "seed" in base:
         torch.manual_seed(base["seed"])
     file = pretrained_file or base.get("file")
     if base["source"] == "file" and not os.path.isfile(file or ""):
         raise UserError(f"the base weights {file} of this delta are missing; pass the file with --base-file")
-    model = create_model(base["arch"], base["num_classes"], base["source"] == "hub",
-                         file if base["source"] == "file" else None, base["model_kwargs"],
+    from_file = base["source"] == "file" or pretrained_file is not None   # --base-file stands in for the hub too
+    model = create_model(base["arch"], base["num_classes"], base["source"] == "hub" and not from_file,
+                         file if from_file else None, base["model_kwargs"],
                          flag="--base-file" if pretrained_file else "the delta's base weights")
     if fingerprint(model) != base["fingerprint"]:
         raise UserError(f"the base weights ({file or base['arch']}) differ from those the delta was trained on "
@@ -502,7 +546,8 @@ def load_student(path, base_file=None, flag="--checkpoint"):
     student = BranchStudent(model, ckpt["data_config"], ckpt["k"], ckpt["branch_dropout"], ckpt.get("at", "end"))
     missing, unexpected = student.load_state_dict(ckpt["model"], strict=False)
     if unexpected or any(k.startswith(("branch.", "head_robust.", "head_combined.")) for k in missing):
-        raise UserError(f"{flag}: {path} does not fit a {ckpt['base']['arch']} with --tune-last {ckpt['k']}")
+        raise UserError(f"{flag}: {path} does not fit a {ckpt['base']['arch']} with "
+                        f"{'--tune-first' if ckpt.get('at') == 'start' else '--tune-last'} {ckpt['k']}")
     student.tau = ckpt["tau"]
     return student.eval(), ckpt
 
@@ -520,22 +565,30 @@ def load_teacher(spec, num_classes, classes, size):
                             f"{', '.join(map(str, ckpt.get('class_names', [])[:3]))}, ...) than the student's data "
                             f"({num_classes}: {', '.join(map(str, classes[:3]))}, ...); train it on the same classes")
     else:
+        import timm.models
+        hub_classes = timm.models.get_pretrained_cfg(spec, allow_unregistered=True)
+        hub_classes = getattr(hub_classes, "num_classes", None)
+        if hub_classes is not None and hub_classes != num_classes:
+            raise UserError(f"--teacher {spec}: its hub weights classify {hub_classes} classes, the data has "
+                            f"{num_classes}: its classifier would be untrained; train a teacher on these classes "
+                            f"(train_teacher.py) and pass its checkpoint")
         model = create_model(spec, num_classes, pretrained=True)
         teacher = Normalized(model, model_data_config(model, size)).eval()
     return teacher.requires_grad_(False)
 
 
-def base_record(args, arch, model, num_classes, kwargs):
+def base_record(args, arch, model, num_classes):
     if args.pretrained_file:
         source = dict(source="file", file=os.path.abspath(args.pretrained_file), sha256=file_sha256(args.pretrained_file))
     elif args.pretrained:
         source = dict(source="hub")
     else:
-        source = dict(source="init", seed=args.seed)
-    return dict(source, arch=arch, num_classes=num_classes, model_kwargs=kwargs, fingerprint=fingerprint(model))
+        source = dict(source="init")
+    return dict(source, seed=args.seed, arch=arch, num_classes=num_classes, model_kwargs=model.timm_kwargs,
+                fingerprint=fingerprint(model))
 
 
-def build_optimizer(student, opt, lr, weight_decay, device):
+def build_optimizer(student, opt, lr, weight_decay, device, momentum=0.9):
     """AdamW (fused on CUDA) / SGD over branch and heads; FTP projects the branch only."""
     branch = list(student.branch.parameters())
     heads = [p for h in (student.head_robust, student.head_combined) for p in h.parameters()]
@@ -544,7 +597,7 @@ def build_optimizer(student, opt, lr, weight_decay, device):
                    weight_decay=weight_decay)
     groups = [{"params": branch + heads, "weight_decay": weight_decay}]
     if opt == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
     return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda" or None)
 
 
@@ -577,7 +630,8 @@ def compile_models(student, teacher=None):
         teacher.compile()
 
 
-def train_step(student, teacher, x, y, opt, scaler, autocast, kd_temp, kd_weight, kd_mode="uncertainty"):
+def train_step(student, teacher, x, y, opt, scaler, autocast, kd_temp, kd_weight, kd_mode="uncertainty",
+               smoothing=0.0):
     """One step of the method on x = [clean views; AugMix views] (2B images) and labels y (B).
     student may be DDP-wrapped: a single forward call, so DDP sees every trainable parameter once.
     Returns (loss, view stats): on the AugMix views, how many the frozen student and the teacher get right
@@ -595,7 +649,7 @@ def train_step(student, teacher, x, y, opt, scaler, autocast, kd_temp, kd_weight
             t_logits = t_logits.clone()   # clone: a normal tensor, usable by autograd
             q, w = kd_target(t_logits, clean, kd_temp) if kd_mode == "uncertainty" else \
                 ((t_logits.float() / kd_temp).softmax(-1), torch.ones(b, device=y.device))
-    loss = method_loss(robust[b:], combined[:b], combined[b:], y, q, kd_temp, kd_weight)
+    loss = method_loss(robust[b:], combined[:b], combined[b:], y, q, kd_temp, kd_weight, smoothing)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt)
@@ -607,6 +661,12 @@ def train_step(student, teacher, x, y, opt, scaler, autocast, kd_temp, kd_weight
     return loss.detach(), stats
 
 
+def selection_metric(accs, tau):
+    """What best.pt maximises: the selector's validation top-1; without a calibrated tau (--calib-size 0)
+    the selector is the clean head, which never changes, so the better of the two new heads instead."""
+    return accs["auto"] if math.isfinite(tau) else max(accs["robust"], accs["combined"])
+
+
 def delta_checkpoint(args, base, student, cfg, classes, opt, scaler, world):
     """The parts of a distill_partial.py checkpoint that do not depend on where in the run it is written."""
     return dict(schema=SCHEMA, kind="delta", base=base, k=student.k, at=student.at, kd_target=args.kd_target,
@@ -615,9 +675,23 @@ def delta_checkpoint(args, base, student, cfg, classes, opt, scaler, world):
                 scaler=scaler.state_dict() if scaler.is_enabled() else None, world=world, args=vars(args))
 
 
+def resolve_defaults(args):
+    """The defaults that depend on other flags, filled in place: weight decay 0.05, 0 with FTP (REFERENCE.md:
+    its projection already holds the weights near their start); --tune-last 4 unless --tune-first is given."""
+    if args.weight_decay is None:
+        args.weight_decay = 0.0 if args.opt == "ftp" else 0.05
+    if args.tune_last is None and args.tune_first is None:
+        args.tune_last = "4"
+    return args
+
+
 def check_args(args):
     """Input mistakes, caught before any model or data is loaded."""
-    if args.tune_last != "all" and not args.tune_last.isdigit():
+    if args.tune_first is not None and args.tune_last is not None:
+        raise UserError("--tune-first and --tune-last both given; keep one (the branch copies either the first or "
+                        "the last blocks)")
+    resolve_defaults(args)
+    if args.tune_last is not None and args.tune_last != "all" and not re.fullmatch(r"[0-9]+", args.tune_last):
         raise UserError(f"--tune-last {args.tune_last!r}: give a number of blocks or 'all'")
     if args.tune_last == "0":
         raise UserError("--tune-last 0 tunes nothing; give 1 or more blocks, or 'all'")
@@ -629,8 +703,13 @@ def check_args(args):
         raise UserError("--tau-quantile must lie in (0, 1) and --mc-samples be at least 1")
     if not 0 <= args.branch_dropout < 1 or args.calib_size < 0:
         raise UserError("--branch-dropout must lie in [0, 1) and --calib-size be >= 0 (0: no calibration)")
-    if args.teacher != "none" and not os.path.isfile(args.teacher) and args.teacher.endswith((".pt", ".pth")):
-        raise UserError(f"--teacher: file {args.teacher} does not exist")
+    if args.teacher != "none" and not os.path.isfile(args.teacher):
+        import timm
+        if os.sep in args.teacher or args.teacher.endswith((".pt", ".pth", ".safetensors", ".bin")):
+            raise UserError(f"--teacher: file {args.teacher} does not exist")
+        if not timm.is_model(args.teacher.split(".")[0]):
+            raise UserError(f"--teacher {args.teacher!r} is neither a file nor a timm model name; give a "
+                            f"train_teacher.py checkpoint, a timm name or 'none'")
     check_train_args(args)
 
 
@@ -649,8 +728,10 @@ def distill(args):
     # Wrap order: build -> load weights into the bare module -> to(device) -> compile -> DDP.
     teacher = load_teacher(args.teacher, len(classes), classes, size)
     torch.manual_seed(args.seed)   # a random-init base must be rebuildable from the seed alone (build_base)
-    model = create_model(arch, len(classes), args.pretrained, args.pretrained_file, kwargs)
-    base = base_record(args, arch, model, len(classes), kwargs)
+    # drop path acts in the branch only: the frozen model stays in eval mode
+    extra = {"drop_path_rate": args.drop_path} if args.drop_path else {}
+    model = create_model(arch, len(classes), args.pretrained, args.pretrained_file, kwargs, class_names=classes, **extra)
+    base = base_record(args, arch, model, len(classes))
     cfg = model_data_config(model, size)
     at, k = ("start", args.tune_first) if args.tune_first is not None else ("end", args.tune_last)
     student = BranchStudent(model, cfg, k, args.branch_dropout, at)
@@ -688,7 +769,7 @@ def distill(args):
         compile_models(student, teacher)
     ddp = DDP(student, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else student
 
-    opt = build_optimizer(student, args.opt, args.lr, args.weight_decay, device)
+    opt = build_optimizer(student, args.opt, args.lr, args.weight_decay, device, args.momentum)
     autocast, scaler = amp_setup(device, args.amp, args.amp_dtype)
     epoch, step, best, accs, best_step, skip = 0, 0, -1.0, None, None, 0
     if start is not None:
@@ -708,15 +789,19 @@ def distill(args):
     while epoch < args.epochs:
         start_epoch(train_loader, epoch, args.seed, rank, skip)
         student.train()
-        t0, seen, loss_sum, skipped0 = time.time(), 0, 0.0, skipped_images(train_set)
+        t0, seen, seen0, loss_sum, skipped0 = time.time(), 0, 0, 0.0, skipped_images(train_set)
         view_stats = torch.zeros(3, device=device)
         if skip:   # mid-epoch resume: this rank's random state and epoch counters as they were
             mid = restore_rank_state(start["ranks"], rank, device)
             seen, loss_sum, skipped0 = mid["seen"], mid["loss_sum"], skipped0 - mid["skipped"]
             view_stats = torch.tensor(mid.get("view_stats", [0.0] * 3), device=device)
+        seen0 = seen   # images/s counts what this process trains
         bar = progress(train_loader, rank, f"epoch {epoch + 1}/{args.epochs}")
         for i, batch in enumerate(bar, skip):
-            if batch is None:
+            if batch is None:   # every image unreadable: one process skipping a step would hang the others
+                if world > 1:
+                    raise UserError(f"a whole training batch of rank {rank} is unreadable images; replace the "
+                                    f"broken files in --data-dir (or raise -b)")
                 continue
             views, y = batch
             b = len(y)
@@ -725,34 +810,38 @@ def distill(args):
             lr = lr_at(step, total, args.lr, args.sched, warmup, args.ssfd_peak)
             set_lr(opt, lr)
             loss, stats = train_step(ddp, teacher, x, y, opt, scaler, autocast, args.kd_temp, args.kd_weight,
-                                     args.kd_target)
+                                     args.kd_target, args.smoothing)
             view_stats += stats
             step += 1
             seen += b * world
             loss_sum += loss.item()
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.time() - t0):.0f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{(seen - seen0) / (time.time() - t0):.0f}")
             if args.save_every and step % args.save_every == 0 and i + 1 < len(train_loader):
                 ranks = rank_states(device, seen=seen, loss_sum=loss_sum, skipped=skipped_images(train_set) - skipped0,
                                     view_stats=view_stats.tolist())
                 if rank == 0:
                     save_run(args.output, dict(delta_checkpoint(args, base, student, cfg, classes, opt, scaler, world),
                                                epoch=epoch, step=step, batch=i + 1, ranks=ranks, val=accs,
-                                               metric=accs and accs["auto"], best_metric=best, best_step=best_step),
+                                               metric=accs and selection_metric(accs, student.tau), best_metric=best,
+                                               best_step=best_step),
                              False)
         skip = 0
         epoch += 1
         train_time = time.time() - t0
         if calib_set is not None:
-            student.tau = calibrate_tau(student, calib_loader, device, args.tau_quantile, args.mc_samples, autocast)
+            student.tau = calibrate_tau(student, calib_loader, device, args.tau_quantile, args.mc_samples, autocast,
+                                        args.seed + epoch)
         accs = head_accuracy(student, val_loader, device, autocast, args.mc_samples)
         skipped = all_sum([skipped_images(train_set) - skipped0], device)[0]
         views = {k: round(100.0 * v / max(1, seen), 2) for k, v in   # the AugMix views of this epoch, all ranks
                  zip(("student_on_views", "teacher_on_views", "teacher_weight"), all_sum(view_stats.tolist(), device))}
-        is_best = accs["auto"] > best
-        best, best_step = max(best, accs["auto"]), step if is_best else best_step
-        metrics = dict(epoch=epoch, step=step, lr=lr, train_loss=loss_sum / max(1, len(train_loader)), tau=student.tau,
+        metric = selection_metric(accs, student.tau)
+        is_best = metric > best
+        best, best_step = max(best, metric), step if is_best else best_step
+        train_loss = all_sum([loss_sum], device)[0] / max(1, world * len(train_loader))   # every rank's batches
+        metrics = dict(epoch=epoch, step=step, lr=lr, train_loss=train_loss, tau=student.tau,
                        **{f"val_{k}": v for k, v in accs.items()}, epoch_time_s=round(train_time, 2),
-                       img_s=round(seen / train_time, 1), skipped_images=int(skipped),
+                       img_s=round((seen - seen0) / train_time, 1), skipped_images=int(skipped),
                        **(views if teacher is not None else {}))
         log(f"epoch {epoch}: loss {metrics['train_loss']:.4f}  val top-1 " +
             "  ".join(f"{k} {v:.2f}" for k, v in accs.items()) + f"  tau {student.tau:.4g}  ({train_time:.0f}s, "
@@ -761,7 +850,7 @@ def distill(args):
             f"top-1, teacher weight {views['teacher_weight']:.1f}%"), **metrics)
         if rank == 0:
             save_run(args.output, dict(delta_checkpoint(args, base, student, cfg, classes, opt, scaler, world),
-                                       epoch=epoch, step=step, batch=0, ranks=None, val=accs, metric=accs["auto"],
+                                       epoch=epoch, step=step, batch=0, ranks=None, val=accs, metric=metric,
                                        best_metric=best, best_step=best_step), is_best)
         if args.stop_after and epoch >= args.stop_after:
             break

@@ -194,7 +194,10 @@ def same_recipe(folder, argv):
     except (OSError, ValueError):
         return False
     parser = stage_parser(argv)
-    now = {k: v for k, v in vars(parser.parse_args(argv)).items() if k in saved or v != parser.get_default(k)}
+    args = parser.parse_args(argv)
+    if "--student" in argv:
+        distill_partial.resolve_defaults(args)   # as the script itself fills them in (and saves them)
+    now = {k: v for k, v in vars(args).items() if k in saved or v != parser.get_default(k)}
     recipe = lambda a: {k: v for k, v in a.items() if k not in REUSE_FREE}
     return recipe(saved) == recipe(now)
 

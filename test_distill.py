@@ -491,3 +491,90 @@ def test_torchrun_two_processes(root, vit_argv):
     assert final["step"] == 2 * (96 - 32) // (16 * 2)   # each rank trains on half the images
     printed = [line[line.index("final: ") + len("final: "):] for line in p.stdout.splitlines() if "final: " in line]
     assert len(printed) == 1 and json.loads(printed[0]) == final   # only rank 0 prints
+
+
+# ----------------------------------------------------------------------------- students, seeds and flags
+
+@pytest.mark.parametrize("pool", ["max", "avgmax"])
+def test_clean_head_is_exact_for_every_vit_pooling(pool):
+    torch.manual_seed(0)
+    model = tt.create_model(VIT, 10, model_kwargs=dict(VIT_KW, global_pool=pool, class_token=False))
+    cfg = tt.model_data_config(model, 32)
+    ref = tt.Normalized(copy.deepcopy(model), cfg).eval()
+    student = dp.BranchStudent(model, cfg, 2)
+    with torch.no_grad():
+        x = images(4, seed=0)
+        assert torch.equal(student(x)[0], ref(x))
+
+
+def test_models_without_a_block_path_take_tune_last_all_only():
+    """BEiT and ConvNeXt are not stem -> blocks -> norm in timm's ViT sense: a partial branch is refused in
+    one sentence, --tune-last all works (clean head = the model); a distilled DeiT's two heads are refused."""
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    for arch, kwargs in (("beit_base_patch16_224", kw), ("convnext_atto", dict(dims=(8, 8, 8, 8)))):
+        model = tt.create_model(arch, 10, model_kwargs=kwargs).eval()
+        cfg = tt.model_data_config(model, 32)
+        with pytest.raises(UserError, match="only --tune-last all works"):
+            dp.BranchStudent(model, cfg, 1)
+        student = dp.BranchStudent(model, cfg, "all")
+        with torch.no_grad():
+            x = images(2, seed=0)
+            assert torch.equal(student(x)[0], model(student.wrap.normalize(x)))
+    model = tt.create_model("deit_tiny_distilled_patch16_224", 10, model_kwargs=kw)
+    with pytest.raises(UserError, match="several classifiers"):
+        dp.BranchStudent(model, tt.model_data_config(model, 32), "all")
+
+
+def test_a_base_with_a_new_classifier_is_rebuilt(root):
+    """Base weights for another class count get a classifier drawn from --seed: the delta's base record
+    keeps the seed, so the base rebuilds whatever the caller's random state; --base-file also stands in
+    for hub weights."""
+    torch.manual_seed(5)
+    path = str(root / "base7.pth")
+    torch.save(tt.create_model(VIT, 7, model_kwargs=VIT_KW).state_dict(), path)   # plain weights, 7 classes
+    args = dp.get_parser().parse_args(["--student", VIT, "--pretrained-file", path, "--seed", "3"])
+    torch.manual_seed(3)
+    base = dp.base_record(args, VIT, tt.create_model(VIT, 10, pretrained_file=path, model_kwargs=VIT_KW), 10)
+    torch.manual_seed(123)
+    assert dp.fingerprint(dp.build_base(base)) == base["fingerprint"]
+    hub = {k: v for k, v in base.items() if k not in ("file", "sha256")} | {"source": "hub"}
+    assert dp.fingerprint(dp.build_base(hub, pretrained_file=path)) == base["fingerprint"]
+
+
+def test_optimisation_flags_reach_the_step(root, monkeypatch, capsys):
+    student, _ = tiny_student("cnn", 2)
+    cpu = torch.device("cpu")
+    sgd = dp.build_optimizer(student, "sgd", 0.1, 0.0, cpu, momentum=0.5).param_groups[0]
+    assert sgd["momentum"] == 0.5 and sgd["nesterov"]
+    assert not dp.build_optimizer(student, "sgd", 0.1, 0.0, cpu, momentum=0.0).param_groups[0]["nesterov"]
+    z, y = torch.randn(4, 10, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3])
+    assert dp.method_loss(z, z, z, y, smoothing=0.2).item() == pytest.approx(
+        3 * F.cross_entropy(z, y, label_smoothing=0.2).item())
+    parse = lambda *a: dp.resolve_defaults(dp.get_parser().parse_args(list(a)))
+    assert parse("--opt", "ftp").weight_decay == 0 and parse().weight_decay == 0.05   # REFERENCE.md: FTP, no decay
+    assert parse().tune_last == "4" and parse("--tune-first", "1").tune_last is None
+    built = {}
+
+    def record(*a, **k):   # stop the run once the student is built
+        built.update(k)
+        raise UserError("built")
+    monkeypatch.setattr(dp, "create_model", record)
+    one_line_error(capsys, FMNIST + TINY_CNN + ["--drop-path", "0.1", "--output", str(root / "dp")])
+    assert built["drop_path_rate"] == 0.1
+
+
+def test_mc_dropout_tau_is_the_same_on_every_rank():
+    """The calibration's dropout masks come from its own seed, not the rank's random state."""
+    student, _ = tiny_student("vit", 2)
+    loader = [(images(8, seed=s), torch.zeros(8)) for s in range(2)]
+    taus = []
+    for rank_state in (1, 2):
+        torch.manual_seed(rank_state)
+        taus.append(dp.calibrate_tau(student, loader, torch.device("cpu"), mc_samples=4, seed=7))
+    assert taus[0] == taus[1] != dp.calibrate_tau(student, loader, torch.device("cpu"), mc_samples=4, seed=8)
+
+
+def test_best_checkpoint_without_calibration_follows_the_new_heads():
+    accs = dict(clean=50.0, robust=60.0, combined=70.0, auto=50.0)
+    assert dp.selection_metric(accs, 0.1) == 50.0
+    assert dp.selection_metric(accs, math.inf) == 70.0   # --calib-size 0: auto is the clean head, constant
