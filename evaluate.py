@@ -22,8 +22,10 @@ mCE; "extra acc" reports them apart.
 Choices worth knowing:
 - A batch is read once and scored by every model; images are prepared with the first model's eval
   transform and each model's wrapper resizes to its own size. On-disk ImageNet-C is read as is (224 px).
-- --generate-c corrupts block k (the k-th run of -b consecutive images) with seed
-  corruption_seed(seed, name, severity, k): every model and any number of processes see the same images.
+- --generate-c corrupts block k (the k-th run of SEED_BLOCK = 250 consecutive images) with seed
+  corruption_seed(seed, name, severity, k): every model, any -b and any number of processes see the same
+  images. The models run on -b images of a block at a time; MC-dropout masks and PGD starts are seeded
+  per block too and drawn batch by batch (so those two depend on -b when it is under 250).
 - PGD attacks each column's answer in fp32 and eval mode; for a student's --head auto, the selected
   head's log-probabilities (no MC dropout during the attack).
 - Probe / zero-shot features: a student's head input (clean: frozen tail; robust, combined, auto: branch),
@@ -57,7 +59,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import (CORRUPTIONS, EXTRA_CORRUPTIONS, ImageFolderSafe, UserError, Views, add_data_args, augmix,
+from data import (CORRUPTIONS, EXTRA_CORRUPTIONS, FROST_FILES, ImageFolderSafe, UserError, Views, add_data_args, augmix,
                   check_data_args, check_image_folder, check_readable, class_names, corrupt, fashion_mnist,
                   image_transforms, make_loader, native_size, shift_labels, subset, timm_info, to_float)
 from train_teacher import (Normalized, all_sum, amp_setup, check_writable, create_model, fraction, load_checkpoint,
@@ -209,6 +211,8 @@ def check_args(args):
     for c in corruptions:
         if c not in known:
             raise UserError(f"--corruptions: unknown corruption {c!r}; use {', '.join(known)}, default, extra or all")
+    if not corruptions and "c" in shifts:
+        raise UserError(f"--corruptions {args.corruptions!r} names none; give names, default, extra or all")
     severities = sorted(set(split_list(args.severities, "--severities", int)))
     if not severities or not set(severities) <= {1, 2, 3, 4, 5}:
         raise UserError(f"--severities {args.severities!r}: ImageNet-C has severities 1 to 5")
@@ -245,6 +249,9 @@ def check_args(args):
         raise UserError(f"--probe-data: {args.probe_data} needs train/ and val/ ImageFolder trees")
     if args.frost_dir and not os.path.isdir(args.frost_dir):
         raise UserError(f"--frost-dir: folder {args.frost_dir} does not exist")
+    if args.frost_dir and not any(os.path.isfile(os.path.join(args.frost_dir, f)) for f in FROST_FILES):
+        raise UserError(f"--frost-dir: {args.frost_dir} holds none of {', '.join(FROST_FILES)} (ImageNet-C's frost "
+                        f"images); point it at them, or leave it out for the procedural frost")
     if args.mc_samples is not None and args.mc_samples < 1:
         raise UserError(f"--mc-samples {args.mc_samples}: give at least 1 pass")
     if args.pretrained and args.pretrained_file:
@@ -279,6 +286,16 @@ def file_ident(path):
         return None
     st = os.stat(path)
     return {"path": os.path.abspath(path), "mtime_ns": st.st_mtime_ns, "size": st.st_size}
+
+
+def listing_ident(folder):
+    """A cheap fingerprint of an image folder's listing: the modification times of it and its class folders
+    (which change when a file is added, removed or renamed in)."""
+    h = hashlib.sha1(str(os.stat(folder).st_mtime_ns).encode())
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.is_dir():
+            h.update(f"{entry.name}:{entry.stat().st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
 
 
 def model_names(args):
@@ -350,14 +367,22 @@ def last_batch(fn):
     return cached_fn
 
 
-def student_columns(path, name, args, alphas, text, n_classes, space, device):
+def check_classes(ckpt, classes, space, path):
+    """A checkpoint's classes must be the set's, in the same order (not just as many)."""
+    if ckpt.get("class_names", classes) != classes:
+        raise UserError(f"--checkpoint: {path} was trained on other classes ({', '.join(map(str, ckpt['class_names'][:3]))}, "
+                        f"...) than {space} ({', '.join(map(str, classes[:3]))}, ...); evaluate it on its own classes")
+
+
+def student_columns(path, name, args, alphas, text, classes, space, device):
     """Columns of a distill_partial.py delta checkpoint: one per head (--head all: clean, robust, combined,
     auto) of the student as trained or of each WiSE-FT interpolation; plus its zero-shot columns."""
     from distill_partial import HEADS, answer, load_student, predict, select_head, wise_ft
     student, ckpt = load_student(path, args.base_file, "--checkpoint")
-    if ckpt["num_classes"] != n_classes:
-        raise UserError(f"{path} predicts {ckpt['num_classes']} classes but {space} has {n_classes}; "
+    if ckpt["num_classes"] != len(classes):
+        raise UserError(f"{path} predicts {ckpt['num_classes']} classes but {space} has {len(classes)}; "
                         f"evaluate each model on its own label space")
+    check_classes(ckpt, classes, space, path)
     student = student.to(device).eval().requires_grad_(False)
     size, heads = ckpt["data_config"]["input_size"][-2:], ["clean", "robust", "combined", "auto"]
     heads = heads if args.head == "all" else [args.head]
@@ -389,8 +414,9 @@ def student_columns(path, name, args, alphas, text, n_classes, space, device):
     return cols, ckpt["data_config"]
 
 
-def load_columns(args, alphas, n_classes, space, device):
+def load_columns(args, alphas, classes, space, device):
     """Every column, on `device` in eval mode with frozen parameters; and the first model's data config."""
+    n_classes = len(classes)
     names = model_names(args)
     kinds = [load_checkpoint(p, "--checkpoint").get("kind") for p in args.checkpoint] + ["timm"] * len(args.model)
     if alphas and "delta" not in kinds:
@@ -401,11 +427,13 @@ def load_columns(args, alphas, n_classes, space, device):
     torch.manual_seed(args.seed)  # --model without weights: the same random init on every rank and in every run
     for src, name, kind in zip(args.checkpoint + args.model, names, kinds):
         if kind == "delta":
-            new, cfg = student_columns(src, name, args, alphas, text, n_classes, space, device)
+            new, cfg = student_columns(src, name, args, alphas, text, classes, space, device)
             cols, configs = cols + new, configs + [cfg]
             continue
         if kind == "model":
             net, ckpt = load_model(src)
+            if ckpt["num_classes"] == n_classes:   # another count: refused below with the widths
+                check_classes(ckpt, classes, space, src)
             cfg, ident = ckpt["data_config"], {"name": name, "file": file_ident(src)}
         elif kind == "timm":
             kwargs, n = parse_kwargs(args.model_kwargs), n_classes if args.num_classes is None else args.num_classes
@@ -413,7 +441,7 @@ def load_columns(args, alphas, n_classes, space, device):
             cfg = model_data_config(model, args.img_size or native_size(args.dataset))
             net = Normalized(model, cfg)
             ident = dict(name=name, arch=src, pretrained=args.pretrained, kwargs=kwargs, classes=n, seed=args.seed,
-                         file=file_ident(args.pretrained_file))
+                         file=file_ident(args.pretrained_file), data_config=cfg)
         else:
             raise UserError(f"--checkpoint: {src} is a {kind} checkpoint; give one of train_teacher/distill_partial.py")
         net = net.to(device).eval().requires_grad_(False)
@@ -447,6 +475,11 @@ class Task:
     generated: bool = False             # corrupt the images on the fly
     columns: list | None = None         # the logit columns a 200-class set is scored on (-R, -A)
     source: str = ""
+
+
+# Evaluation reads blocks of SEED_BLOCK consecutive images and seeds each block's corruption (and MC dropout,
+# PGD starts) by its index: generated images do not depend on -b, nor on the number of processes.
+SEED_BLOCK = 250
 
 
 def corruption_seed(seed, *parts):
@@ -500,9 +533,10 @@ def augmix_shift(x, severity, seed):
     return views
 
 
-def score(cols, loader, task, device, autocast, seed, frost_dir, attack, rank, world):
+def score(cols, loader, task, device, autocast, seed, frost_dir, attack, rank, world, batch_size):
     """[counts of column 0..., counts of column 1..., ..., total] over one task, summed over ranks: per column
-    the correct answers and, for a routed column, the ROUTE_FIELDS counts."""
+    the correct answers and, for a routed column, the ROUTE_FIELDS counts. The loader gives blocks of
+    SEED_BLOCK images, each corrupted with its own seed; the models see batch_size of them at a time."""
     counts, total, t0 = [[0] * c.n_counts for c in cols], 0, time.time()
     restrict = torch.tensor(task.columns, device=device) if task.columns else None
     pick = (lambda z: z[:, restrict]) if restrict is not None else (lambda z: z)
@@ -520,14 +554,15 @@ def score(cols, loader, task, device, autocast, seed, frost_dir, attack, rank, w
         for j, col in enumerate(cols):
             # MC dropout and PGD starts draw the same numbers whichever other columns run
             torch.manual_seed(corruption_seed(seed, task.set, task.corruption, task.severity, block))
-            xj = pgd_attack(col.attack, x, y, **attack) if task.set == "pgd" else x
-            with torch.no_grad(), autocast():
-                got = [(pick(col.logits(xj)).argmax(1) == y).sum()]
-                if col.route is not None:
-                    choice, heads = col.route(xj)
-                    ok = torch.stack([pick(z).argmax(1) == y for z in heads])
-                    got += [(choice == h).sum() for h in range(len(heads))] + list(ok.sum(1)) + [ok.any(0).sum()]
-            counts[j] = [a + int(b) for a, b in zip(counts[j], got)]
+            for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+                xb = pgd_attack(col.attack, xb, yb, **attack) if task.set == "pgd" else xb
+                with torch.no_grad(), autocast():
+                    got = [(pick(col.logits(xb)).argmax(1) == yb).sum()]
+                    if col.route is not None:
+                        choice, heads = col.route(xb)
+                        ok = torch.stack([pick(z).argmax(1) == yb for z in heads])
+                        got += [(choice == h).sum() for h in range(len(heads))] + list(ok.sum(1)) + [ok.any(0).sum()]
+                counts[j] = [a + int(b) for a, b in zip(counts[j], got)]
         total += len(y)
         bar.set_postfix(img_s=f"{total * world / (time.time() - t0):.0f}")
     return all_sum([v for c in counts for v in c] + [total], device)
@@ -583,13 +618,15 @@ def evaluate_tasks(tasks, cols, args, cfg, device, rank, world):
                    amp=[args.amp, args.amp_dtype], frost=frost if task.generated else None,
                    code=corrupt_code if task.generated else None,
                    attack=attack if task.set == "pgd" else None,
-                   block=args.batch_size if task.generated or task.set == "pgd" else None)  # per-block seeds
+                   block=SEED_BLOCK if task.generated or task.set == "pgd" else None)  # per-block seeds
+        if os.path.isdir(task.source):   # images added or replaced on disk are scored anew
+            key["listing"] = listing_ident(task.source)
 
         def compute(todo):
-            loader = make_loader(task.dataset(), args.batch_size, args.workers, False, rank, world, pin=device.type == "cuda")
+            loader = make_loader(task.dataset(), SEED_BLOCK, args.workers, False, rank, world, pin=device.type == "cuda")
             todo_cols = [task_cols[i] for i in todo]
             got = score(todo_cols, loader, task, device, fp32 if task.set == "pgd" else autocast, args.seed,
-                        args.frost_dir, attack, rank, world)
+                        args.frost_dir, attack, rank, world, args.batch_size)
             if got[-1] == 0:
                 raise UserError(f"no readable image in {task.source or task.set}: every one was skipped; replace "
                                 f"the broken files")
@@ -690,16 +727,18 @@ def summarize(cols, counts, corruptions, severities, imagenet, baseline):
             main, extra = [c for c in cs if c in CORRUPTIONS], [c for c in cs if c in EXTRA_CORRUPTIONS]
             mean = lambda names: float(np.mean([acc[c][s] for c in names for s in severities])) if names else None
             m["c"] = {"top1": acc, "counts": counts_c, "mean_acc": mean(main), "extra_mean_acc": mean(extra),
-                      "mean_err": 100 - mean(main) if main else None}
+                      "mean_err": 100 - mean(main) if main else None, "mce_corruptions": len(main)}
             errors[col.name] = {c: {s: 1 - a / 100 for s, a in acc[c].items()} for c in main}
     clean_err = {n: 1 - m["sets"]["clean"]["top1"] / 100 for n, m in out.items() if "clean" in m["sets"]}
     for name, err in errors.items():
         c, e0 = out[name]["c"], clean_err.get(name)
-        if err and imagenet:
-            c["mce"] = mce(err, ALEXNET_ERR, err)
-            c["relative_mce"] = relative_mce(err, e0, ALEXNET_ERR, ALEXNET_CLEAN_ERR, err) if e0 is not None else None
+        if err and imagenet:   # AlexNet's errors average all 5 severities: none with fewer (not comparable)
+            full = severities == [1, 2, 3, 4, 5]
+            c["mce"] = mce(err, ALEXNET_ERR, err) if full else None
+            c["relative_mce"] = relative_mce(err, e0, ALEXNET_ERR, ALEXNET_CLEAN_ERR, err) \
+                if full and e0 is not None else None
         if err and errors.get(baseline):
-            ref, ref0 = errors[baseline], clean_err.get(baseline)
+            ref, ref0 = errors[baseline], clean_err.get(baseline)   # same corruptions and severities
             c["mce_vs_baseline"] = _finite(lambda: mce(err, ref, err))
             c["relative_mce_vs_baseline"] = _finite(lambda: relative_mce(err, e0, ref, ref0, err)) \
                 if None not in (e0, ref0) else None
@@ -764,13 +803,15 @@ def _finite(fn):
     return v if math.isfinite(v) else None
 
 
-def table_columns(imagenet, baseline):
-    """(header, getter) of the markdown table and the final line."""
+def table_columns(imagenet, baseline, n_corruptions=15):
+    """(header, getter) of the markdown table and the final line; n_corruptions: how many of the 15 mCE
+    corruptions the C columns average."""
     c = lambda key: lambda m: m.get("c", {}).get(key)
     s = lambda key: lambda m: m["sets"].get(key, {}).get("top1")
-    cols = [("clean", s("clean")), ("C acc", c("mean_acc"))]
-    cols += [("mCE (AlexNet)", c("mce")), ("rel mCE (AlexNet)", c("relative_mce"))] if imagenet else \
-        [("C err", c("mean_err"))]
+    over = "" if n_corruptions == 15 else f" ({n_corruptions} of 15)"
+    cols = [("clean", s("clean")), (f"C acc{over}", c("mean_acc"))]
+    cols += [(f"mCE (AlexNet){over}", c("mce")), (f"rel mCE (AlexNet){over}", c("relative_mce"))] if imagenet else \
+        [(f"C err{over}", c("mean_err"))]
     if baseline:   # relative mCE vs a baseline stays in results.json: its small denominators make it noisy
         cols += [(f"mCE vs {baseline}", c("mce_vs_baseline"))]
     return cols + [("extra acc", c("extra_mean_acc")), ("R", s("r")), ("Sketch", s("sketch")), ("A", s("a")),
@@ -854,7 +895,7 @@ def describe(args, summary, shifts, corruptions, severities, n_classes, cfg, ima
                     "clean": clean_dir(args) if args.dataset == "folder" else f"fashion-mnist {args.split}"},
         "corruptions": {"source": None if "c" not in shifts else "generated" if generated else "ImageNet-C files",
                         "frost": None if not generated else args.frost_dir or "procedural",
-                        "seed": f"corruption_seed({args.seed}, name, severity, block of {args.batch_size})"
+                        "seed": f"corruption_seed({args.seed}, name, severity, block of {SEED_BLOCK})"
                         if generated else None, "names": corruptions, "severities": severities},
         "metrics": {"top1": "% correct; -R/-A on their 200 of the 1000 logits", "mean_acc": "over mCE corruptions and "
                     "severities", "mean_err": "100 - mean_acc", "mce": "100 mean_c sum_s E(s,c) / sum_s E_ref(s,c)",
@@ -881,7 +922,7 @@ def run(args):
         classes, space = timm_info("imagenet_synsets.txt"), "ImageNet (the label space of the --data-root sets)"
     if set(shifts) & {"r", "sketch", "a", "v2"} and len(classes) != 1000:
         raise UserError(f"--shifts r/sketch/a/v2 score the 1000 ImageNet classes; {space} has {len(classes)}")
-    cols, cfg = load_columns(args, alphas, len(classes), space, device)
+    cols, cfg = load_columns(args, alphas, classes, space, device)
     imagenet = args.dataset == "folder" and len(classes) == 1000
     baseline = args.baseline or (None if imagenet else cols[0].name)
     if baseline not in [c.name for c in cols] + [None]:
@@ -898,24 +939,28 @@ def run(args):
         summary[name]["routing"] = r
     results = describe(args, summary, shifts, corruptions, severities, len(classes), cfg, imagenet, baseline, world,
                        device)
-    columns = table_columns(imagenet, baseline)
+    columns = table_columns(imagenet, baseline, len([c for c in corruptions if c in CORRUPTIONS]))
     if rank == 0:
         os.makedirs(args.output, exist_ok=True)
         if "c" in shifts:
             plot_severity(summary, corruptions, severities, os.path.join(args.output, "acc_vs_severity.png"))
         if alphas:
             plot_wise(summary, os.path.join(args.output, "wise_sweep.png"))
-        path = os.path.join(args.output, "results.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f, indent=1, default=str)
-        os.replace(path + ".tmp", path)
+        write_atomic(os.path.join(args.output, "results.json"), json.dumps(results, indent=1, default=str))
     routing_md = "\n\n".join(routing_table(n, m["routing"]) for n, m in summary.items() if "routing" in m)
     if rank == 0 and routing_md:
-        with open(os.path.join(args.output, "routing.md"), "w") as f:
-            f.write(routing_md + "\n")
+        write_atomic(os.path.join(args.output, "routing.md"), routing_md + "\n")
     log(markdown_table(summary, columns) + ("\n\n" + routing_md if routing_md else ""))
     log("final: " + json.dumps({n: {h: f(m) for h, f in columns if f(m) is not None} for n, m in summary.items()}))
     return results
+
+
+def write_atomic(path, text):
+    """Write a text file under a unique temporary name, then rename: readers never see half a file."""
+    tmp = temp_name(path)
+    with open(tmp, "x") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def main(argv=None):

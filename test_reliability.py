@@ -64,6 +64,8 @@ def runs(tmp_path_factory):
     (root / "corrupt.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken")
     (root / "a_file").write_text("not a folder")
     write_folder(root / "broken", broken_val=True)
+    ckpt = torch.load(os.path.join(teacher, "last.pt"), weights_only=True)
+    torch.save(dict(ckpt, class_names=ckpt["class_names"][::-1]), root / "shuffled.pt")   # 10 classes, other order
     return dict(root=str(root), teacher=teacher, student=student)
 
 
@@ -93,6 +95,16 @@ BAD = [
     ("train", T + ["--val-subset", "-1"], "--val-subset -1: give a number of images >= 0"),
     ("train", T + ["--img-size", "0"], "--img-size 0: give the input size in pixels"),
     ("train", T + ["--jsd", "12"], "--jsd needs AugMix views"),
+    ("train", T + ["--aug", "augmix", "--jsd", "nan"], "--jsd needs AugMix views and a weight >= 0"),
+    ("train", T + ["--lr", "inf"], "--lr inf: give a positive learning rate"),
+    ("train", T + ["--adv", "pgd", "--adv-eps", "8/0"], None),   # argparse: not a finite number
+    ("train", T + ["--adv", "pgd", "--adv-step=-2/255"], "--adv pgd needs --adv-eps > 0, --adv-step > 0"),
+    ("train", T + ["--pretrained-file", "{root}/shuffled.pt"], "--pretrained-file: {root}/shuffled.pt was trained on "
+                                                               "other classes (ankle boot"),
+    ("train", ["--arch", "resnet18", "--model-kwargs", "layers=[1,1,1,1]", "channels=[8,8,8,8]", "--pretrained-file",
+               "{teacher}/last.pt"], "--model-kwargs: {teacher}/last.pt was built with"),
+    ("train", ["--arch", "resnet18", "--init-checkpoint", "{teacher}/last.pt", "--model-kwargs", "layers=[2,2,2,2]"],
+     "--model-kwargs: {teacher}/last.pt holds a model built with"),
     ("train", ["--arch", "resnet18", "--model-kwargs", "bogus=1"], "--model-kwargs: resnet18 rejects them"),
     ("train", ["--arch", "resnet18", "--model-kwargs", "layers"], "--model-kwargs: 'layers' is not KEY=VALUE"),
     ("train", T + ["--pretrained-file", "{student}/last.pt"], "--pretrained-file: {student}/last.pt is a delta"),
@@ -124,6 +136,12 @@ BAD = [
     ("distill", D + ["--resume", "{student}/last.pt", "--kd-weight", "0.9", "--seed", "3"],
      "--kd-weight 0.9 (was 0.5), --seed 3 (was 0)"),
     ("distill", D + ["--output", "{student}"], "--output: {student} already holds a run"),
+    ("distill", D + ["--tune-first", "1"], "--tune-first and --tune-last both given"),
+    ("distill", ["--student", *CNN, "--tune-last", "\u00b2"], "--tune-last '\u00b2': give a number of blocks"),
+    ("distill", D + ["--teacher", "{root}/no/best"], "--teacher: file {root}/no/best does not exist"),
+    ("distill", D + ["--teacher", "resnet_nonexistent"], "--teacher 'resnet_nonexistent' is neither a file nor"),
+    ("distill", D + ["--teacher", "resnet18.a1_in1k"], "its hub weights classify 1000 classes, the data has 10"),
+    ("distill", D + ["--pretrained-file", "{root}/shuffled.pt"], "--pretrained-file: {root}/shuffled.pt was trained"),
     ("eval", ["--checkpoint", "{teacher}/best.pt", "-b", "0"], "-b/--batch-size 0: give at least 1"),
     ("eval", ["--checkpoint", "{teacher}/best.pt", "-j", "-1"], "-j/--workers -1"),
     ("eval", ["--checkpoint", "{teacher}/best.pt", "--test-subset", "-3"], "--test-subset -3: give a number"),
@@ -132,6 +150,11 @@ BAD = [
     ("eval", ["--model", "resnet18", "--model-kwargs", "bogus=1"], "--model-kwargs: resnet18 rejects them"),
     ("eval", ["--model", *CNN, "--dataset", "folder", "--data-dir", "{root}/broken", "--shifts", "clean"],
      "--data-dir: none of the 8 images"),
+    ("eval", ["--checkpoint", "{root}/shuffled.pt"], "--checkpoint: {root}/shuffled.pt was trained on other classes"),
+    ("eval", ["--checkpoint", "{teacher}/best.pt", "--shifts", "c", "--generate-c", "--corruptions", ","],
+     "--corruptions ',' names none"),
+    ("eval", ["--checkpoint", "{teacher}/best.pt", "--shifts", "c", "--generate-c", "--frost-dir", "{root}"],
+     "--frost-dir: {root} holds none of frost1.png"),
 ]
 
 
