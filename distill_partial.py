@@ -677,10 +677,10 @@ def delta_checkpoint(args, base, student, cfg, classes, opt, scaler, world):
 
 def resolve_defaults(args):
     """The defaults that depend on other flags, filled in place: weight decay 0.05, 0 with FTP (REFERENCE.md:
-    its projection already holds the weights near their start); --tune-last 4 unless --tune-first is given."""
+    its projection already holds the weights near their start); --tune-last 4 (unused under --tune-first)."""
     if args.weight_decay is None:
         args.weight_decay = 0.0 if args.opt == "ftp" else 0.05
-    if args.tune_last is None and args.tune_first is None:
+    if args.tune_last is None:
         args.tune_last = "4"
     return args
 
@@ -691,7 +691,7 @@ def check_args(args):
         raise UserError("--tune-first and --tune-last both given; keep one (the branch copies either the first or "
                         "the last blocks)")
     resolve_defaults(args)
-    if args.tune_last is not None and args.tune_last != "all" and not re.fullmatch(r"[0-9]+", args.tune_last):
+    if args.tune_last != "all" and not re.fullmatch(r"[0-9]+", args.tune_last):
         raise UserError(f"--tune-last {args.tune_last!r}: give a number of blocks or 'all'")
     if args.tune_last == "0":
         raise UserError("--tune-last 0 tunes nothing; give 1 or more blocks, or 'all'")
