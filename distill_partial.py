@@ -63,8 +63,7 @@ def get_parser():
     add_model_args(p, ("--student",), default="vit_l16")
     p.add_argument("--teacher", default="none", help="robust teacher: a train_teacher.py checkpoint, a timm name "
                    "(hub weights), or 'none' (the no-teacher baselines)")
-    p.add_argument("--tune-last", default=None, help="blocks to tune in the branch: K (default 4), or 'all' (complete "
-                   "fine-tuning)")
+    p.add_argument("--tune-last", default="4", help="blocks to tune in the branch: K, or 'all' (complete fine-tuning)")
     p.add_argument("--tune-first", type=int, default=None, help="instead: the branch is a copy of the first K blocks, "
                    "whose output runs through the frozen later blocks (see BranchStudent)")
     p.add_argument("--kd-target", default="uncertainty", choices=["uncertainty", "teacher"],
@@ -187,7 +186,7 @@ class BranchStudent(nn.Module):
         if not isinstance(model.get_classifier(), nn.Module):
             raise UserError(f"{flag} {k}: {type(model).__name__} has several classifiers "
                             f"({type(model.get_classifier()).__name__}); give a student with one")
-        if k != "all" and family is None:
+        if k not in ("all", len(blocks)) and family is None:   # a saved delta of 'all' holds k = len(blocks) = 0
             raise UserError(f"{flag} {k}: {type(model).__name__} is neither a timm ViT nor a ResNet-style CNN; "
                             f"only --tune-last all works for it")
         k = len(blocks) if k == "all" else int(k)
@@ -566,8 +565,10 @@ def load_teacher(spec, num_classes, classes, size):
                             f"({num_classes}: {', '.join(map(str, classes[:3]))}, ...); train it on the same classes")
     else:
         import timm.models
-        hub_classes = timm.models.get_pretrained_cfg(spec, allow_unregistered=True)
-        hub_classes = getattr(hub_classes, "num_classes", None)
+        try:
+            hub_classes = getattr(timm.models.get_pretrained_cfg(spec, allow_unregistered=True), "num_classes", None)
+        except RuntimeError as e:   # e.g. a tag timm does not know
+            raise UserError(f"--teacher {spec}: {str(e).splitlines()[0]}") from None
         if hub_classes is not None and hub_classes != num_classes:
             raise UserError(f"--teacher {spec}: its hub weights classify {hub_classes} classes, the data has "
                             f"{num_classes}: its classifier would be untrained; train a teacher on these classes "
@@ -676,18 +677,16 @@ def delta_checkpoint(args, base, student, cfg, classes, opt, scaler, world):
 
 
 def resolve_defaults(args):
-    """The defaults that depend on other flags, filled in place: weight decay 0.05, 0 with FTP (REFERENCE.md:
-    its projection already holds the weights near their start); --tune-last 4 (unused under --tune-first)."""
+    """The default that depends on another flag, filled in place: weight decay 0.05, 0 with FTP (REFERENCE.md:
+    its projection already holds the weights near their start)."""
     if args.weight_decay is None:
         args.weight_decay = 0.0 if args.opt == "ftp" else 0.05
-    if args.tune_last is None:
-        args.tune_last = "4"
     return args
 
 
 def check_args(args):
     """Input mistakes, caught before any model or data is loaded."""
-    if args.tune_first is not None and args.tune_last is not None:
+    if args.tune_first is not None and args.tune_last != "4":   # (an explicit --tune-last 4 goes unnoticed)
         raise UserError("--tune-first and --tune-last both given; keep one (the branch copies either the first or "
                         "the last blocks)")
     resolve_defaults(args)
@@ -703,7 +702,7 @@ def check_args(args):
         raise UserError("--tau-quantile must lie in (0, 1) and --mc-samples be at least 1")
     if not 0 <= args.branch_dropout < 1 or args.calib_size < 0:
         raise UserError("--branch-dropout must lie in [0, 1) and --calib-size be >= 0 (0: no calibration)")
-    if args.teacher != "none" and not os.path.isfile(args.teacher):
+    if args.teacher != "none" and not os.path.isfile(args.teacher) and not args.teacher.startswith(("hf-hub:", "hf_hub:")):
         import timm
         if os.sep in args.teacher or args.teacher.endswith((".pt", ".pth", ".safetensors", ".bin")):
             raise UserError(f"--teacher: file {args.teacher} does not exist")

@@ -437,6 +437,7 @@ def load_columns(args, alphas, classes, space, device):
             cfg, ident = ckpt["data_config"], {"name": name, "file": file_ident(src)}
         elif kind == "timm":
             kwargs, n = parse_kwargs(args.model_kwargs), n_classes if args.num_classes is None else args.num_classes
+            torch.manual_seed(args.seed)   # without weights: the same random init wherever it stands in the list
             model = create_model(src, n, args.pretrained, args.pretrained_file, kwargs)
             cfg = model_data_config(model, args.img_size or native_size(args.dataset))
             net = Normalized(model, cfg)
@@ -551,15 +552,17 @@ def score(cols, loader, task, device, autocast, seed, frost_dir, attack, rank, w
         elif task.generated:
             x = corrupt(x, task.corruption, task.severity, corruption_seed(seed, task.corruption, task.severity, block),
                         frost_dir)
-        for j, col in enumerate(cols):
-            # MC dropout and PGD starts draw the same numbers whichever other columns run
-            torch.manual_seed(corruption_seed(seed, task.set, task.corruption, task.severity, block))
-            for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-                xb = pgd_attack(col.attack, xb, yb, **attack) if task.set == "pgd" else xb
+        for start in range(0, len(y), batch_size):
+            xb, yb = x[start:start + batch_size], y[start:start + batch_size]   # one view: columns share its forward
+            for j, col in enumerate(cols):
+                # MC dropout and PGD starts draw the same numbers whichever other columns run
+                torch.manual_seed(corruption_seed(seed, task.set, task.corruption, task.severity, block,
+                                                  *([start] if start else [])))
+                xj = pgd_attack(col.attack, xb, yb, **attack) if task.set == "pgd" else xb
                 with torch.no_grad(), autocast():
-                    got = [(pick(col.logits(xb)).argmax(1) == yb).sum()]
+                    got = [(pick(col.logits(xj)).argmax(1) == yb).sum()]
                     if col.route is not None:
-                        choice, heads = col.route(xb)
+                        choice, heads = col.route(xj)
                         ok = torch.stack([pick(z).argmax(1) == yb for z in heads])
                         got += [(choice == h).sum() for h in range(len(heads))] + list(ok.sum(1)) + [ok.any(0).sum()]
                 counts[j] = [a + int(b) for a, b in zip(counts[j], got)]
@@ -615,7 +618,7 @@ def evaluate_tasks(tasks, cols, args, cfg, device, rank, world):
         task_cols = [c for c in cols if task.set != "pgd" or c.attack is not None]
         key = dict(set=task.set, corruption=task.corruption, severity=task.severity, source=task.source,
                    seed=args.seed, subset=args.test_subset, generated=task.generated, data_config=cfg,
-                   amp=[args.amp, args.amp_dtype], frost=frost if task.generated else None,
+                   amp=[args.amp and device.type == "cuda", args.amp_dtype], frost=frost if task.generated else None,
                    code=corrupt_code if task.generated else None,
                    attack=attack if task.set == "pgd" else None,
                    block=SEED_BLOCK if task.generated or task.set == "pgd" else None)  # per-block seeds
@@ -636,7 +639,10 @@ def evaluate_tasks(tasks, cols, args, cfg, device, rank, world):
                 at += c.n_counts
             return out
 
-        hits = cached(os.path.join(args.output, "cache"), [dict(c.ident, task=key) for c in task_cols],
+        draws = lambda c: task.set == "pgd" or c.ident.get("mc_samples", 1) > 1   # drawn per batch of -b
+        keys = [dict(c.ident, task=key, **({"batch": min(args.batch_size, SEED_BLOCK)} if draws(c) else {}))
+                for c in task_cols]
+        hits = cached(os.path.join(args.output, "cache"), keys,
                       [c.n_counts for c in task_cols], compute, rank, device)
         for c, (got, n) in zip(task_cols, hits):
             counts[(c.name, task.set, task.corruption, task.severity)] = (got[0], n)

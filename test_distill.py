@@ -517,6 +517,7 @@ def test_models_without_a_block_path_take_tune_last_all_only():
         with pytest.raises(UserError, match="only --tune-last all works"):
             dp.BranchStudent(model, cfg, 1)
         student = dp.BranchStudent(model, cfg, "all")
+        dp.BranchStudent(copy.deepcopy(model), cfg, student.k)   # what load_student rebuilds from the saved k
         with torch.no_grad():
             x = images(2, seed=0)
             assert torch.equal(student(x)[0], model(student.wrap.normalize(x)))
@@ -552,7 +553,6 @@ def test_optimisation_flags_reach_the_step(root, monkeypatch, capsys):
         3 * F.cross_entropy(z, y, label_smoothing=0.2).item())
     parse = lambda *a: dp.resolve_defaults(dp.get_parser().parse_args(list(a)))
     assert parse("--opt", "ftp").weight_decay == 0 and parse().weight_decay == 0.05   # REFERENCE.md: FTP, no decay
-    assert parse().tune_last == "4"
     built = {}
 
     def record(*a, **k):   # stop the run once the student is built

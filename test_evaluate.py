@@ -254,8 +254,8 @@ def test_resume_evaluates_only_missing_entries(tmp_path, teacher, monkeypatch):
 
 
 def test_torchrun_counts_every_image_once(tmp_path, teacher):
-    argv = [*FM, "--checkpoint", teacher, "--test-subset", "37", "-b", "8", "--generate-c", "--corruptions",
-            "gaussian_noise", "--severities", "5"]
+    argv = [*FM, "--checkpoint", teacher, "--test-subset", "300", "-b", "64", "--generate-c", "--corruptions",
+            "gaussian_noise", "--severities", "5"]   # blocks of 250 and 50 images: one per process
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            os.path.join(HERE, "evaluate.py"), *argv, "--output", str(tmp_path / "ddp")],
@@ -266,7 +266,7 @@ def test_torchrun_counts_every_image_once(tmp_path, teacher):
     single = json.loads(json.dumps(evaluate.main(argv + ["--output", str(tmp_path / "single")])))
     assert ddp["world_size"] == 2
     (name, m), = ddp["models"].items()
-    assert m["sets"]["clean"]["total"] == 37 and m["c"]["counts"]["gaussian_noise"]["5"][1] == 37
+    assert m["sets"]["clean"]["total"] == 300 and m["c"]["counts"]["gaussian_noise"]["5"][1] == 300
     assert m["sets"] == single["models"][name]["sets"] and m["c"]["counts"] == single["models"][name]["c"]["counts"]
 
 
@@ -422,3 +422,13 @@ def test_cache_keys_follow_the_model_input_size_and_the_files_on_disk(tmp_path, 
     assert evaluate.listing_ident(str(folder)) == before
     os.utime(folder / "n01443537", ns=(1, 1))   # as a file added to the class folder leaves it
     assert evaluate.listing_ident(str(folder)) != before
+
+
+def test_every_head_of_a_student_shares_one_forward(tmp_path, student, monkeypatch):
+    """--head all scores four columns from one forward per batch of -b (and one image at construction)."""
+    from distill_partial import BranchStudent
+    sizes, forward = [], BranchStudent.forward
+    monkeypatch.setattr(BranchStudent, "forward", lambda self, x, *a, **k: (sizes.append(len(x)), forward(self, x, *a, **k))[1])
+    evaluate.main([*FM, "--checkpoint", student, "--head", "all", "--test-subset", "64", "-b", "32", "--shifts",
+                   "clean", "--output", str(tmp_path / "out")])
+    assert sorted(sizes) == [1, 32, 32]
