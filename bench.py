@@ -11,8 +11,9 @@ Sections:
   train    step time and peak memory of one distillation step (clean + AugMix view, teacher, KD
            loss, backward, AdamW) for --tune-last 1, 2, N/6 and all (or --ks; all = complete
            fine-tuning, no teacher), each as a ratio to complete fine-tuning; achieved FLOP/s. Each K runs in a
-           fresh process so peak memory is its own (CUDA: max_memory_allocated; CPU: peak RSS growth
-           over the built model). AdamW is fused on CUDA. MFU = model FLOP/s (matmul FLOPs counted by
+           fresh process so peak memory is its own (CUDA: max_memory_allocated above what the step
+           holds between steps; CPU: the process's peak RSS, runtime included, and rss_growth_mb, its
+           growth over the built models). AdamW is fused on CUDA. MFU = model FLOP/s (matmul FLOPs counted by
            torch's FlopCounterMode) over the card's dense bf16 peak (PEAK_BF16; other cards: no MFU).
   infer    inference cost of the auto-head student (K = N/6) relative to the original model
   data     data pipeline images/s per worker: plain, AugMix (1 view), AugMix+JSD (2 views); AugMix at
@@ -161,12 +162,12 @@ def bench_one_k(args, device):
     def step():
         train_step(student, teacher, x, y, opt, scaler, autocast, 2.0, 0.5)
 
+    base_rss = peak_rss_mb()   # the built models (CPU: rss_growth_mb is the steps' memory above them)
     with FlopCounterMode(display=False) as fc:  # eager, before compiling: the model's FLOPs, counted once
-        step()  # also allocates the optimizer state before the memory baseline
+        step()  # also allocates the optimizer state before the CUDA memory baseline
     flops = fc.get_total_flops()
     if args.compile:
         compile_models(student, teacher)   # as distill_partial.py --compile does
-    base_rss = peak_rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated()
@@ -185,16 +186,18 @@ def bench_train(args, argv):
     """Every K in a fresh process (peak memory is per process), complete fine-tuning last."""
     arch = STUDENT_ALIASES.get(args.student, args.student)
     n = depth(create_model(arch, args.num_classes, model_kwargs=parse_kwargs(args.model_kwargs)))
-    ks = sorted({1, 2, max(1, n // 6)} - {n}) + ["all"]
+    ks = sorted(k for k in {1, 2, max(1, n // 6)} if k < n) + ["all"]
     if args.ks:
-        ks = [k if k == "all" else int(k) for k in args.ks.split(",")]
+        ks = [k if k == "all" else int(k) if k.isdigit() else -1 for k in args.ks.split(",")]
         if any(k != "all" and not 1 <= k < n for k in ks):
             sys.exit(f"bench.py: --ks {args.ks}: each K must be 'all' or 1..{n - 1} for {arch} ({n} blocks)")
     rows = []
     for k in ks:
         cmd = [sys.executable, os.path.abspath(__file__), *argv, "--tune-last", str(k)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"bench.py: K = {k} failed:\n{proc.stderr.strip()[-2000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     full = next((r for r in rows if r["k"] == "all"), None)
     for r in rows:
         r["time_vs_full"] = r["step_s"] / full["step_s"] if full else None
@@ -237,6 +240,7 @@ def bench_forward(args, device, batch):
 
 def bench_data(n):
     """Images/s of one data-loading worker (one thread), for each view recipe."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     train_tf, _ = data.image_transforms("fashion-mnist", None)
     out = {}
@@ -246,7 +250,7 @@ def bench_data(n):
         for i in range(n):
             ds[i]
         out[name] = n / (time.perf_counter() - t0)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     return out
 
 
@@ -257,16 +261,16 @@ def bench_augmix(device, batch, steps=3, profile=None):
     out = {}
     for size in (32, 224):
         g = torch.Generator().manual_seed(0)
-        images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g)
+        aug, n = data.augmix(), max(8, min(batch, 20_000 // size))
+        images = torch.randint(0, 256, (max(batch, n), 3, size, size), dtype=torch.uint8, generator=g)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        aug, n = data.augmix(), max(8, min(batch, 20_000 // size))
         t0 = time.perf_counter()
         for img in images[:n]:
             aug(img)
         out[f"cpu_worker_{size}px"] = n / (time.perf_counter() - t0)
         torch.set_num_threads(threads)
-        x = images.to(device)
+        x = images[:batch].to(device)
         out[f"batched_{device.type}_{size}px"] = batch / back_to_back(lambda: data.augmix_batch(x), steps, 1, device)
         out[f"batched_{device.type}_{size}px_synced"] = batch / timed(lambda: data.augmix_batch(x), steps, 1, device)
         if profile:

@@ -188,7 +188,9 @@ def read_rgb(path):
     if not path.lower().endswith((".bmp", ".tif", ".tiff")):
         with warnings.catch_warnings():  # torchvision 0.29 flags its decoders as deprecated (for TorchCodec)
             warnings.simplefilter("ignore", DeprecationWarning)
-            return decode_image(path, mode=ImageReadMode.RGB)
+            image = decode_image(path, mode=ImageReadMode.RGB)
+        # 16-bit PNGs decode to uint16: scaled to 8 bits, as every loader here expects
+        return image if image.dtype == torch.uint8 else v2.functional.to_dtype(image, torch.uint8, scale=True)
     from PIL import Image
     with Image.open(path) as image:
         return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()

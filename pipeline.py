@@ -103,6 +103,15 @@ def seeds_of(args):
     return [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
 
 
+def stale(folder, argv):
+    """The checkpoints a stage starts from (--teacher, --pretrained-file) changed after its run was written:
+    an earlier stage was retrained, so this one must be too."""
+    last = os.path.join(folder, "last.pt")
+    inputs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--teacher", "--pretrained-file")]
+    return os.path.isfile(last) and any(os.path.isfile(f) and os.path.getmtime(f) > os.path.getmtime(last)
+                                        for f in inputs)
+
+
 def method_stage(args):
     """The stage (and folder) of the method at the first seed: the ablations' reference."""
     seeds = seeds_of(args)
@@ -180,9 +189,9 @@ def stages(args):
 
 
 # Flags a stage may differ in and still be reused or resumed: those a --resume may change, but for --epochs
-# (a finished stage of other length is not this one) and --deterministic (a stage asked to be reproducible
-# is made so).
-REUSE_FREE = train_teacher.RESUME_FREE - {"epochs", "deterministic"}
+# (a finished stage of other length is not this one), --deterministic (a stage asked to be reproducible
+# is made so) and --pretrained (a stage from scratch is not one from hub weights).
+REUSE_FREE = train_teacher.RESUME_FREE - {"epochs", "deterministic", "pretrained"}
 
 
 def same_recipe(folder, argv):
@@ -235,12 +244,15 @@ def family(name):
 
 
 def mean_std(values):
+    """mean +- sample std of a cell; '(n=k)' where only k of the seeds have a value (the others had none)."""
+    n = len(values)
     values = [v for v in values if v is not None]
     if not values:
         return "-"
+    some = "" if len(values) == n else f" (n={len(values)})"
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{np.mean(values):.2f} +- {np.std(values, ddof=1):.2f}"
+        return f"{values[0]:.2f}{some}"
+    return f"{np.mean(values):.2f} +- {np.std(values, ddof=1):.2f}{some}"
 
 
 def summary_table(results, records, teacher_time):
@@ -328,6 +340,9 @@ def main(argv=None):
     unknown = set(args.baselines.split(",")) - {"no-teacher", "full-ft", "ftp"}
     if unknown:
         parser.error(f"--baselines: unknown {', '.join(sorted(unknown))}; choose from no-teacher, full-ft, ftp")
+    seeds = args.seeds.split(",") if args.seeds else []
+    if not all(s.strip().lstrip("-").isdigit() for s in seeds) or len(set(seeds)) < len(seeds):
+        parser.error(f"--seeds {args.seeds!r}: give distinct integers, e.g. 0,1,2")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # everything here is local
     t0 = time.time()
     evals, folders = {}, {}
@@ -335,15 +350,19 @@ def main(argv=None):
         folder = stage_argv[stage_argv.index("--output") + 1]
         folders[name] = folder
         print(f"\n=== {name}: python {module.__name__}.py {shlex.join(stage_argv)}", flush=True)
-        if module is not evaluate and finished(folder, stage_argv):
-            print(f"(reusing the finished run in {folder})")
-            continue
-        last = os.path.join(folder, "last.pt")
-        if module is not evaluate and os.path.isfile(last) and same_recipe(folder, stage_argv):
-            print(f"(resuming the interrupted run in {folder})")
-            stage_argv = stage_argv + ["--resume", last]
-        elif module is not evaluate and args.overwrite:
-            stage_argv = stage_argv + ["--overwrite"]
+        if module is not evaluate:
+            last = os.path.join(folder, "last.pt")
+            if stale(folder, stage_argv):
+                print(f"(retraining {folder}: the checkpoints it starts from changed after it ran)")
+                stage_argv = stage_argv + ["--overwrite"]
+            elif finished(folder, stage_argv):
+                print(f"(reusing the finished run in {folder})")
+                continue
+            elif os.path.isfile(last) and same_recipe(folder, stage_argv):
+                print(f"(resuming the interrupted run in {folder})")
+                stage_argv = stage_argv + ["--resume", last]
+            elif args.overwrite:
+                stage_argv = stage_argv + ["--overwrite"]
         result = module.main(stage_argv)
         if module is evaluate:
             evals[name] = result

@@ -3,6 +3,7 @@ silently break: student pre-training, robust teacher, distillation (two seeds), 
 corruptions, the mean +- std table and the routing table."""
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -97,3 +98,21 @@ def test_ablation_and_routing_tables_read_the_results():
                                                  "method-s1:auto": models["no teacher:auto"]}}).splitlines()
     assert routing[2] == ("| method | 94.50 +- 0.71 | 1.00 +- 0.00 | 5.00 +- 0.00 | 7.00 +- 0.00 | "
                           "60.00 +- 0.00 / 62.00 +- 0.00 |")
+
+
+def test_partial_cells_bad_seeds_and_stale_stages(tmp_path, capsys):
+    assert pipeline.mean_std([1.0, None, 3.0]) == "2.00 +- 1.41 (n=2)"   # a seed without a value is said
+    for bad in ("a", "0,0"):
+        with pytest.raises(SystemExit):
+            pipeline.main(["--seeds", bad, "--output", str(tmp_path)])
+        assert "--seeds" in capsys.readouterr().err
+    # a stage whose starting checkpoint was rewritten after the stage ran (its stage retrained) is stale
+    teacher, stage = tmp_path / "teacher.pt", tmp_path / "method"
+    teacher.write_bytes(b"weights")
+    stage.mkdir()
+    (stage / "last.pt").write_bytes(b"delta")
+    argv = ["--teacher", str(teacher), "--output", str(stage)]
+    os.utime(teacher, (1, 1))
+    assert not pipeline.stale(str(stage), argv)
+    os.utime(teacher, (time.time() + 60, time.time() + 60))
+    assert pipeline.stale(str(stage), argv)

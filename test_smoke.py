@@ -355,6 +355,9 @@ def test_bmp_tiff_and_mixed_sizes(tmp_path, capsys):
     for ext in ("bmp", "tiff"):
         Image.fromarray(pixels.numpy()).save(tmp_path / f"a.{ext}")
         assert torch.equal(data.read_rgb(str(tmp_path / f"a.{ext}")), pixels.permute(2, 0, 1))
+    Image.fromarray(pixels[..., 0].numpy().astype("uint16") * 257).save(tmp_path / "deep.png")   # 16 bits
+    deep = data.read_rgb(str(tmp_path / "deep.png"))
+    assert deep.dtype == torch.uint8 and torch.equal(deep[1], pixels[..., 0])
     mixed = [(torch.zeros(3, 8, 8), 0), (torch.zeros(3, 9, 9), 1)]
     loader = torch.utils.data.DataLoader(mixed, batch_size=2, num_workers=1, collate_fn=data.collate_skip)
     capsys.readouterr()
