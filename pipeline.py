@@ -8,9 +8,10 @@
 
 Each stage is one call of a script's main(); its command line is printed so any stage can be rerun or
 changed by hand. A stage whose --output already holds a finished run with the same arguments is reused
-(so --compare after the quick run only trains the baselines), an interrupted one is resumed, and
-evaluation resumes from its cache. A stage folder holding a run with other arguments is refused
-unless --overwrite.
+(so --compare after the quick run reuses the student and the teacher and trains the method and the
+baselines at each seed, in method-s<seed>/ ...), an interrupted one is resumed, one whose teacher or
+student checkpoint was rewritten after it ran is retrained, and evaluation resumes from its cache. A stage
+folder holding a run with other arguments is refused unless --overwrite.
 Writes runs/fmnist/{student,teacher,method,...}/, runs/fmnist/eval/ and runs/fmnist/summary.md.
 """
 import argparse
