@@ -341,6 +341,18 @@ def main(argv=None):
     unknown = set(args.baselines.split(",")) - {"no-teacher", "full-ft", "ftp"}
     if unknown:
         parser.error(f"--baselines: unknown {', '.join(sorted(unknown))}; choose from no-teacher, full-ft, ftp")
+    for flag, ok, want in (
+            ("--tune-last", args.tune_last == "all" or args.tune_last.isdigit() and 1 <= int(args.tune_last) <= 6,
+             "1 to 6 (the student's blocks) or all"),
+            ("--aug-severity", 1 <= args.aug_severity <= 10, "1 to 10"),
+            ("--calib-size", 0 <= args.calib_size < args.train_subset, "0 or more, below --train-subset"),
+            ("--train-subset", args.train_subset >= 1, "at least 1"), ("--test-subset", args.test_subset >= 1,
+                                                                        "at least 1"),
+            ("-b/--batch-size", args.batch_size >= 1, "at least 1"), ("-j/--workers", args.workers >= 0, "0 or more"),
+            ("--student-epochs", min(args.student_epochs, args.teacher_epochs, args.distill_epochs,
+                                     args.full_ft_epochs) >= 1, "every --*-epochs at least 1")):
+        if not ok:   # before any stage: a bad method flag must not wait for the student and teacher to train
+            parser.error(f"{flag}: give {want}")
     seeds = args.seeds.split(",") if args.seeds else []
     if not all(s.strip().lstrip("-").isdigit() for s in seeds) or len(set(seeds)) < len(seeds):
         parser.error(f"--seeds {args.seeds!r}: give distinct integers, e.g. 0,1,2")

@@ -102,10 +102,10 @@ def test_ablation_and_routing_tables_read_the_results():
 
 def test_partial_cells_bad_seeds_and_stale_stages(tmp_path, capsys):
     assert pipeline.mean_std([1.0, None, 3.0]) == "2.00 +- 1.41 (n=2)"   # a seed without a value is said
-    for bad in ("a", "0,0"):
-        with pytest.raises(SystemExit):
-            pipeline.main(["--seeds", bad, "--output", str(tmp_path)])
-        assert "--seeds" in capsys.readouterr().err
+    for flag, bad in (("--seeds", "a"), ("--seeds", "0,0"), ("--tune-last", "0"), ("--aug-severity", "11")):
+        with pytest.raises(SystemExit):   # before the student and teacher train, not at the distillation
+            pipeline.main([flag, bad, "--output", str(tmp_path / "bad")])
+        assert flag in capsys.readouterr().err and not (tmp_path / "bad").exists()
     # a stage whose starting checkpoint was rewritten after the stage ran (its stage retrained) is stale
     teacher, stage = tmp_path / "teacher.pt", tmp_path / "method"
     teacher.write_bytes(b"weights")
