@@ -1,7 +1,7 @@
 """Robustify a large pre-trained model by tuning a copy of its last K blocks with a robust teacher.
 
 The method of Jain, Behl, Rawat, Vineet, "Efficiently Robustify Pre-trained Models" (ICCV 2023), as
-reconstructed in DESIGN.md section 3 (the paper has no public code):
+reconstructed in docs/DESIGN.md section 3 (the paper has no public code):
 
     h  = trunk(x)                     # frozen, no autograd, once per view
     clean    = h0(tail(h))            # the original model, bit for bit (zero-shot/transfer kept)
@@ -172,8 +172,8 @@ class BranchStudent(nn.Module):
     """Frozen pre-trained model + trainable branch with robust and combined heads. Takes images in [0, 1];
     forward returns (clean, robust, combined) logits.
 
-    at="end" (DESIGN.md 3): the branch is a copy of the last k blocks (+ final norm/pool), fed by the frozen
-    trunk's features. at="start" (the variant DESIGN.md 3 invites us to measure): the branch is a copy of the
+    at="end" (docs/DESIGN.md 3): the branch is a copy of the last k blocks (+ final norm/pool), fed by the frozen
+    trunk's features. at="start" (the variant docs/DESIGN.md 3 invites us to measure): the branch is a copy of the
     first k blocks, fed by the frozen stem, and its output runs through the frozen later blocks (their weights
     fixed, gradients flowing through them). Input-level corruptions damage early features, which a copy of
     the last blocks cannot undo (surgical fine-tuning, Lee et al., ICLR 2023: for input-level shifts tuning the
@@ -282,7 +282,7 @@ def entropy(p):
 
 
 def select_head(clean, robust, combined, tau):
-    """Head selection at inference (DESIGN.md 3): s = KL(p_clean || p_robust); s <= tau -> clean
+    """Head selection at inference (docs/DESIGN.md 3): s = KL(p_clean || p_robust); s <= tau -> clean
     head, else whichever of robust/combined has the lower entropy. robust/combined may carry MC-dropout
     samples [S, B, C] (their probabilities are averaged). Returns (log-probs [B, C], choice [B], s [B])."""
     p = [clean.float().softmax(-1), robust.float().softmax(-1), combined.float().softmax(-1)]
@@ -332,7 +332,7 @@ def calibrate_tau(student, loader, device, quantile=0.95, mc_samples=1, autocast
 # ----------------------------------------------------------------------------- the losses
 
 def kd_target(teacher_logits, student_logits, T):
-    """Uncertainty-aware KD target (DESIGN.md 3, our reconstruction): per sample, mix the teacher's
+    """Uncertainty-aware KD target (docs/DESIGN.md 3, our reconstruction): per sample, mix the teacher's
     and the frozen student's softened distributions, each weighted by its confidence 1 - H/log C.
     Returns (q [B, C], w [B]) where w is the teacher's share."""
     t, o = (teacher_logits.float() / T).softmax(-1), (student_logits.float() / T).softmax(-1)
@@ -677,7 +677,7 @@ def delta_checkpoint(args, base, student, cfg, classes, opt, scaler, world):
 
 
 def resolve_defaults(args):
-    """The default that depends on another flag, filled in place: weight decay 0.05, 0 with FTP (REFERENCE.md:
+    """The default that depends on another flag, filled in place: weight decay 0.05, 0 with FTP (docs/REFERENCE.md:
     its projection already holds the weights near their start)."""
     if args.weight_decay is None:
         args.weight_decay = 0.0 if args.opt == "ftp" else 0.05
@@ -702,7 +702,8 @@ def check_args(args):
         raise UserError("--tau-quantile must lie in (0, 1) and --mc-samples be at least 1")
     if not 0 <= args.branch_dropout < 1 or args.calib_size < 0:
         raise UserError("--branch-dropout must lie in [0, 1) and --calib-size be >= 0 (0: no calibration)")
-    if args.teacher != "none" and not os.path.isfile(args.teacher) and not args.teacher.startswith(("hf-hub:", "hf_hub:")):
+    hub_id = args.teacher.startswith(("hf-hub:", "hf_hub:"))
+    if args.teacher != "none" and not os.path.isfile(args.teacher) and not hub_id:
         import timm
         if os.sep in args.teacher or args.teacher.endswith((".pt", ".pth", ".safetensors", ".bin")):
             raise UserError(f"--teacher: file {args.teacher} does not exist")
@@ -729,7 +730,8 @@ def distill(args):
     torch.manual_seed(args.seed)   # a random-init base must be rebuildable from the seed alone (build_base)
     # drop path acts in the branch only: the frozen model stays in eval mode
     extra = {"drop_path_rate": args.drop_path} if args.drop_path else {}
-    model = create_model(arch, len(classes), args.pretrained, args.pretrained_file, kwargs, class_names=classes, **extra)
+    model = create_model(arch, len(classes), args.pretrained, args.pretrained_file, kwargs, class_names=classes,
+                         arch_flag="--student", **extra)
     base = base_record(args, arch, model, len(classes))
     cfg = model_data_config(model, size)
     at, k = ("start", args.tune_first) if args.tune_first is not None else ("end", args.tune_last)
@@ -814,7 +816,8 @@ def distill(args):
             step += 1
             seen += b * world
             loss_sum += loss.item()
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{(seen - seen0) / (time.time() - t0):.0f}")
+            img_s = (seen - seen0) / (time.time() - t0)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
             if args.save_every and step % args.save_every == 0 and i + 1 < len(train_loader):
                 ranks = rank_states(device, seen=seen, loss_sum=loss_sum, skipped=skipped_images(train_set) - skipped0,
                                     view_stats=view_stats.tolist())

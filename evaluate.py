@@ -9,13 +9,13 @@ mCE / relative mCE, robust accuracy under PGD, linear-probe transfer and CLIP ze
     python evaluate.py --dataset fashion-mnist --checkpoint runs/teacher/best.pt runs/student/best.pt \\
         --shifts clean,c --generate-c --test-subset 1000 -j 0 --output runs/eval     # CPU smoke, minutes
 
-Sets under --data-root (DESIGN.md section 6): imagenet-c/<corruption>/<severity>/<wnid>/, imagenet-r/<wnid>/,
+Sets under --data-root (docs/DESIGN.md section 6): imagenet-c/<corruption>/<severity>/<wnid>/, imagenet-r/<wnid>/,
 imagenet-sketch/<wnid>/ (or imagenet-sketch/sketch/<wnid>/), imagenet-a/<wnid>/, imagenetv2/<0..999>/.
 The clean set is --data-dir/val (else --data-root/imagenet/val) or the Fashion-MNIST test split.
 
 Metrics (Hendrycks & Dietterich, ICLR 2019): top-1 per set; with E(s,c) the error at severity s of
 corruption c, CE_c = sum_s E(s,c) / sum_s E_ref(s,c), mCE = 100 * mean_c CE_c, and relative
-CE_c = sum_s (E(s,c) - E_clean) / sum_s (E_ref(s,c) - E_ref_clean). The reference is AlexNet (REFERENCE.md)
+CE_c = sum_s (E(s,c) - E_clean) / sum_s (E_ref(s,c) - E_ref_clean). The reference is AlexNet (docs/REFERENCE.md)
 for 1000-class ImageNet, else --baseline (default: the first model). The 4 extra corruptions never enter
 mCE; "extra acc" reports them apart.
 
@@ -69,7 +69,7 @@ from train_teacher import add_device_arg  # own line: eases merging the import a
 
 SHIFTS = ("clean", "c", "r", "sketch", "a", "v2", "augmix")
 SHIFT_DIRS = {"c": "imagenet-c", "r": "imagenet-r", "sketch": "imagenet-sketch", "a": "imagenet-a", "v2": "imagenetv2"}
-# AlexNet top-1 error per corruption, averaged over the 5 severities (Hendrycks & Dietterich 2019; REFERENCE.md)
+# AlexNet top-1 error per corruption, averaged over the 5 severities (Hendrycks & Dietterich 2019; docs/REFERENCE.md)
 ALEXNET_ERR = {"gaussian_noise": 0.886428, "shot_noise": 0.894468, "impulse_noise": 0.922640,
                "defocus_blur": 0.819880, "glass_blur": 0.826268, "motion_blur": 0.785948, "zoom_blur": 0.798360,
                "snow": 0.866816, "frost": 0.826572, "fog": 0.819324, "brightness": 0.564592, "contrast": 0.853204,
@@ -370,8 +370,8 @@ def last_batch(fn):
 def check_classes(ckpt, classes, space, path):
     """A checkpoint's classes must be the set's, in the same order (not just as many)."""
     if ckpt.get("class_names", classes) != classes:
-        raise UserError(f"--checkpoint: {path} was trained on other classes ({', '.join(map(str, ckpt['class_names'][:3]))}, "
-                        f"...) than {space} ({', '.join(map(str, classes[:3]))}, ...); evaluate it on its own classes")
+        raise UserError(f"--checkpoint: {path} was trained on other classes "
+                        f"({', '.join(map(str, ckpt['class_names'][:3]))}, ...) than {space} ({', '.join(map(str, classes[:3]))}, ...); evaluate it on its own classes")
 
 
 def student_columns(path, name, args, alphas, text, classes, space, device):
@@ -438,7 +438,7 @@ def load_columns(args, alphas, classes, space, device):
         elif kind == "timm":
             kwargs, n = parse_kwargs(args.model_kwargs), n_classes if args.num_classes is None else args.num_classes
             torch.manual_seed(args.seed)   # without weights: the same random init wherever it stands in the list
-            model = create_model(src, n, args.pretrained, args.pretrained_file, kwargs)
+            model = create_model(src, n, args.pretrained, args.pretrained_file, kwargs, arch_flag="--model")
             cfg = model_data_config(model, args.img_size or native_size(args.dataset))
             net = Normalized(model, cfg)
             ident = dict(name=name, arch=src, pretrained=args.pretrained, kwargs=kwargs, classes=n, seed=args.seed,
@@ -626,7 +626,8 @@ def evaluate_tasks(tasks, cols, args, cfg, device, rank, world):
             key["listing"] = listing_ident(task.source)
 
         def compute(todo):
-            loader = make_loader(task.dataset(), SEED_BLOCK, args.workers, False, rank, world, pin=device.type == "cuda")
+            loader = make_loader(task.dataset(), SEED_BLOCK, args.workers, False, rank, world,
+                                 pin=device.type == "cuda")
             todo_cols = [task_cols[i] for i in todo]
             got = score(todo_cols, loader, task, device, fp32 if task.set == "pgd" else autocast, args.seed,
                         args.frost_dir, attack, rank, world, args.batch_size)

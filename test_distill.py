@@ -552,7 +552,7 @@ def test_optimisation_flags_reach_the_step(root, monkeypatch, capsys):
     assert dp.method_loss(z, z, z, y, smoothing=0.2).item() == pytest.approx(
         3 * F.cross_entropy(z, y, label_smoothing=0.2).item())
     parse = lambda *a: dp.resolve_defaults(dp.get_parser().parse_args(list(a)))
-    assert parse("--opt", "ftp").weight_decay == 0 and parse().weight_decay == 0.05   # REFERENCE.md: FTP, no decay
+    assert parse("--opt", "ftp").weight_decay == 0 and parse().weight_decay == 0.05   # docs/REFERENCE.md: FTP, no decay
     built = {}
 
     def record(*a, **k):   # stop the run once the student is built

@@ -320,7 +320,7 @@ def test_number_flags_and_a_truncated_log_line():
     for bad in ("8/0", "nan", "inf", "x"):
         with pytest.raises(argparse.ArgumentTypeError):
             train_teacher.fraction(bad)
-    assert train_teacher.get_parser().parse_args(["--aug", "augmix", "--jsd"]).jsd == 12   # DESIGN.md's spelling
+    assert train_teacher.get_parser().parse_args(["--aug", "augmix", "--jsd"]).jsd == 12   # docs/DESIGN.md's spelling
     assert train_teacher._log_step('{"step": 3}\n', 9) == 3
     assert train_teacher._log_step('{"step": 3, "lo', 9) == math.inf   # a line cut short by a crash: dropped
     params = [nn.Parameter(torch.zeros(2, 2))]

@@ -110,8 +110,8 @@ def get_parser():
     add_train_args(p)
     p.add_argument("--aug", default="none", choices=["none", "augmix"], help="robust augmentation")
     add_aug_args(p)
-    p.add_argument("--jsd", type=float, nargs="?", const=12.0, default=0.0, help="Jensen-Shannon consistency weight over clean + 2 "
-                   "AugMix views (0 = off; 12 is the AugMix paper's)")
+    p.add_argument("--jsd", type=float, nargs="?", const=12.0, default=0.0, help="Jensen-Shannon consistency "
+                   "weight over clean + 2 AugMix views (0 = off; --jsd alone: 12, the AugMix paper's)")
     p.add_argument("--adv", default="none", choices=["none", "pgd"], help="adversarial training")
     p.add_argument("--adv-norm", default="linf", choices=["linf", "l2"], help="PGD threat model")
     p.add_argument("--adv-eps", type=fraction, default=8 / 255, help="PGD radius in [0,1] pixel units")
@@ -185,7 +185,7 @@ def ranks_agree(module, device):
 
 def amp_setup(device, amp, amp_dtype):
     """One autocast context factory and a GradScaler that only switches on for fp16. Mixed precision is
-    for CUDA (DESIGN.md 5): on other devices --amp leaves the run in fp32."""
+    for CUDA (docs/DESIGN.md 5): on other devices --amp leaves the run in fp32."""
     dtype = torch.float16 if amp_dtype == "fp16" else torch.bfloat16
     amp = amp and device.type == "cuda"
     autocast = partial(torch.autocast, device.type, dtype=dtype, enabled=amp)
@@ -476,7 +476,7 @@ def load_weights(model, path, flag="--pretrained-file"):
 
 
 def create_model(arch, num_classes, pretrained=False, pretrained_file=None, model_kwargs=None,
-                 flag="--pretrained-file", class_names=None, **extra):
+                 flag="--pretrained-file", class_names=None, arch_flag="--arch", **extra):
     """A bare timm model. Errors a user can cause are one sentence, raised before heavy work.
     model.timm_kwargs holds the keyword arguments it was built with (a checkpoint of this project
     brings its own); class_names, when given, must match such a checkpoint's classes."""
@@ -485,8 +485,8 @@ def create_model(arch, num_classes, pretrained=False, pretrained_file=None, mode
     kwargs = dict(model_kwargs or {}, **extra)
     if not timm.is_model(arch.split(".")[0]):
         close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.5)
-        raise UserError(f"unknown model {arch!r}" + (f"; did you mean {', '.join(close)}?" if close else
-                                                     "; see timm.list_models()"))
+        raise UserError(f"{arch_flag}: unknown model {arch!r}" + (f"; did you mean {', '.join(close)}?" if close else
+                                                                  "; see timm.list_models()"))
     if pretrained_file and not os.path.isfile(pretrained_file):
         raise UserError(f"{flag}: {pretrained_file} does not exist")
     own = None
@@ -506,8 +506,8 @@ def create_model(arch, num_classes, pretrained=False, pretrained_file=None, mode
                             f"{dict(model_kwargs)}; leave --model-kwargs out (the file brings its own)")
         if own is not None and class_names is not None and own["num_classes"] == num_classes and \
                 own.get("class_names", class_names) != class_names:
-            raise UserError(f"{flag}: {pretrained_file} was trained on other classes ({', '.join(own['class_names'][:3])}, "
-                            f"...) than the data's ({', '.join(class_names[:3])}, ...); give weights for these classes")
+            raise UserError(f"{flag}: {pretrained_file} was trained on other classes "
+                            f"({', '.join(own['class_names'][:3])}, ...) than the data's ({', '.join(class_names[:3])}, ...); give weights for these classes")
     try:
         if own is not None:  # a checkpoint of this project: same model kwargs, keep or replace its head
             model = timm.create_model(arch, num_classes=own["num_classes"], **dict(own["model_kwargs"], **extra))
@@ -878,7 +878,8 @@ def train(args):
             step += 1
             seen += len(y) * world
             loss_sum += loss.item()
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{(seen - seen0) / (time.time() - t0):.0f}")
+            img_s = (seen - seen0) / (time.time() - t0)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
             if args.save_every and step % args.save_every == 0 and i + 1 < len(train_loader):
                 ranks = rank_states(device, seen=seen, loss_sum=loss_sum, skipped=skipped_images(train_set) - skipped0)
                 if rank == 0:
