@@ -152,3 +152,15 @@ def test_bench_profile_writes_op_tables(tmp_path):
     for name in ("train_k1.txt", "augmix_32px.txt", "augmix_224px.txt"):
         table = (tmp_path / name).read_text()
         assert table.startswith("3 calls") and "aten::" in table, name
+
+
+def test_magnitude_tables_follow_height_and_width(monkeypatch):
+    """TranslateX's range is a third of the width, TranslateY's of the height: the tables are built for
+    (H, W) of the batch in that order, which a square image cannot tell apart."""
+    calls, tables = [], data._augmix_tables
+    monkeypatch.setattr(data, "_augmix_tables", lambda names, h, w: (calls.append((h, w)), tables(names, h, w))[1])
+    data.augmix_batch(torch.zeros(2, 3, 16, 48, dtype=torch.uint8), generator=torch.Generator().manual_seed(0))
+    assert calls == [(16, 48)]
+    x_range = data.augmix_magnitudes("TranslateX", 16, 48)[0].max().item()
+    y_range = data.augmix_magnitudes("TranslateY", 16, 48)[0].max().item()
+    assert x_range == pytest.approx(48 / 3, abs=0.5) and y_range == pytest.approx(16 / 3, abs=0.5)

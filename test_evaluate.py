@@ -416,6 +416,11 @@ def test_cache_keys_follow_the_model_input_size_and_the_files_on_disk(tmp_path, 
     for size in (32, 64):   # the first column (and so the task's data config) stays the checkpoint's
         evaluate.main(argv + ["--img-size", str(size)])
     assert len(list((tmp_path / "out" / "cache").glob("*.json"))) == 3   # the checkpoint's entry is reused
+    noise = [*FM, "--checkpoint", teacher, "--test-subset", "32", "--shifts", "c", "--generate-c", "--corruptions",
+             "gaussian_noise", "--severities", "3", "--output", str(tmp_path / "seeds")]
+    for seed in ("0", "1", "0"):   # another seed draws other noise: scored anew, then found again
+        evaluate.main(noise + ["--seed", seed])
+    assert len(list((tmp_path / "seeds" / "cache").glob("*.json"))) == 2
     folder = tmp_path / "set"
     write_class_images(folder / "n01443537", 1, decoy=False, n=1)
     before = evaluate.listing_ident(str(folder))
@@ -432,3 +437,16 @@ def test_every_head_of_a_student_shares_one_forward(tmp_path, student, monkeypat
     evaluate.main([*FM, "--checkpoint", student, "--head", "all", "--test-subset", "64", "-b", "32", "--shifts",
                    "clean", "--output", str(tmp_path / "out")])
     assert sorted(sizes) == [1, 32, 32]
+
+
+def test_relative_mce_against_the_baseline_uses_each_ones_clean_error():
+    cols = [evaluate.Column(n, None, None, {}, n) for n in ("base", "model")]
+    counts = {}
+    for name, clean, noisy in (("base", 80, (60, 50)), ("model", 90, (75, 55))):   # correct of 100
+        counts[(name, "clean", None, None)] = (clean, 100)
+        for sev, k in zip((1, 2), noisy):
+            counts[(name, "c", "gaussian_noise", sev)] = (k, 100)
+    out = evaluate.summarize(cols, counts, ["gaussian_noise"], [1, 2], False, "base")
+    want = ((0.25 - 0.10) + (0.45 - 0.10)) / ((0.40 - 0.20) + (0.50 - 0.20))   # sum_s (E - E_clean), each its own
+    assert out["model"]["c"]["relative_mce_vs_baseline"] == pytest.approx(100 * want)
+    assert out["model"]["c"]["mce_vs_baseline"] == pytest.approx(100 * (0.25 + 0.45) / (0.40 + 0.50))
