@@ -25,7 +25,6 @@ Timings are medians over --steps after --warmup (the back-to-back AugMix: the me
 asserted in tests.
 """
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -149,7 +148,6 @@ def peak_rss_mb():
 
 def bench_one_k(args, device):
     """One training configuration, in this process: step time, peak memory, FLOP/s."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     k = args.tune_last if args.tune_last == "all" else int(args.tune_last)
     student, teacher = build(args, k, device)
@@ -165,10 +163,8 @@ def bench_one_k(args, device):
         train_step(student, teacher, x, y, opt, scaler, autocast, 2.0, 0.5)
 
     base_rss = peak_rss_mb()   # the built models (CPU: rss_growth_mb is the steps' memory above them)
-    # eager, before compiling: the model's FLOPs, counted once; on the CPU through the math attention, whose
-    # matmuls the counter sees (it has no formula for the CPU's fused attention kernel; CUDA's it has)
-    math_attention = sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else contextlib.nullcontext()
-    with math_attention, FlopCounterMode(display=False) as fc:
+    count_cpu_attention()
+    with FlopCounterMode(display=False) as fc:  # eager, before compiling: the model's FLOPs, counted once
         step()  # also allocates the optimizer state before the CUDA memory baseline
     flops = fc.get_total_flops()
     if args.compile:
@@ -185,6 +181,17 @@ def bench_one_k(args, device):
                 mfu=flops / sec / 1e12 / peak if peak else None, fused_adamw=bool(opt.defaults.get("fused")),
                 trainable_m=sum(p.numel() for m in student.trainable() for p in m.parameters()) / 1e6,
                 peak_mem_mb=mem if mem is not None else peak_rss_mb(), rss_growth_mb=peak_rss_mb() - base_rss)
+
+
+def count_cpu_attention():
+    """Give torch's FLOP counter the CPU's fused attention kernels (it has formulas for CUDA's only): the
+    same formulas as CUDA's flash attention, so CPU and GPU TFLOP/s count the same work."""
+    from torch.utils import flop_counter as fc
+    aten = torch.ops.aten
+    for op, formula in ((aten._scaled_dot_product_flash_attention_for_cpu, fc.sdpa_flop),
+                        (aten._scaled_dot_product_flash_attention_for_cpu_backward, fc.sdpa_backward_flop)):
+        if op not in fc.flop_registry:
+            fc.register_flop_formula(op, get_raw=True)(formula)   # the formulas take tensors already
 
 
 def bench_train(args, argv):

@@ -193,6 +193,9 @@ def read_rgb(path):
         return image if image.dtype == torch.uint8 else v2.functional.to_dtype(image, torch.uint8, scale=True)
     from PIL import Image
     with Image.open(path) as image:
+        if image.mode.startswith("I;16"):   # 16-bit grey: scaled to 8 bits (PIL's convert would clip)
+            grey = torch.from_numpy((np.array(image).astype(np.int32) >> 8).astype(np.uint8))
+            return grey.expand(3, *grey.shape).contiguous()
         return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 

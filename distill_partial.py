@@ -727,6 +727,7 @@ def distill(args):
 
     # Wrap order: build -> load weights into the bare module -> to(device) -> compile -> DDP.
     teacher = load_teacher(args.teacher, len(classes), classes, size)
+    teacher_sha = file_sha256(args.teacher) if os.path.isfile(args.teacher) else None   # pipeline.py's staleness
     torch.manual_seed(args.seed)   # a random-init base must be rebuildable from the seed alone (build_base)
     # drop path acts in the branch only: the frozen model stays in eval mode
     extra = {"drop_path_rate": args.drop_path} if args.drop_path else {}
@@ -856,8 +857,10 @@ def distill(args):
                                        best_metric=best, best_step=best_step), is_best)
         if args.stop_after and epoch >= args.stop_after:
             break
-    result = dict(student=arch, k=student.k, at=at, teacher=args.teacher, opt=args.opt, epochs_done=epoch, step=step, lr=lr,
-                  tau=student.tau, val=accs, best_auto=best, train_time_s=round(time.time() - t_start, 2),
+    inputs = dict(teacher=teacher_sha, base=base.get("sha256"))
+    result = dict(student=arch, k=student.k, at=at, teacher=args.teacher, inputs=inputs, opt=args.opt,
+                  epochs_done=epoch, step=step, lr=lr, tau=student.tau, val=accs, best_auto=best,
+                  train_time_s=round(time.time() - t_start, 2),
                   trainable_params=n_train, ranks_agree=ranks_agree(student, device))
     log("final: " + json.dumps(result), final=result)
     log.close()

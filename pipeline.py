@@ -105,12 +105,20 @@ def seeds_of(args):
 
 
 def stale(folder, argv):
-    """The checkpoints a stage starts from (--teacher, --pretrained-file) changed after its run was written:
-    an earlier stage was retrained, so this one must be too."""
-    last = os.path.join(folder, "last.pt")
-    inputs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--teacher", "--pretrained-file")]
-    return os.path.isfile(last) and any(os.path.isfile(f) and os.path.getmtime(f) > os.path.getmtime(last)
-                                        for f in inputs)
+    """A finished distillation whose teacher or student checkpoint (--teacher, --pretrained-file) is no longer
+    the file it was trained from (sha256 in its final log line): an earlier stage was retrained. Runs that
+    recorded no hashes are taken as they are."""
+    try:
+        with open(os.path.join(folder, "log.jsonl")) as f:
+            final = [json.loads(line)["final"] for line in f if '"final"' in line][-1]
+    except (OSError, ValueError, IndexError, KeyError):
+        return False
+    recorded = final.get("inputs") or {}
+    for flag, key in (("--teacher", "teacher"), ("--pretrained-file", "base")):
+        path = argv[argv.index(flag) + 1] if flag in argv[:-1] else None
+        if path and recorded.get(key) and os.path.isfile(path) and distill_partial.file_sha256(path) != recorded[key]:
+            return True
+    return False
 
 
 def method_stage(args):
@@ -335,9 +343,8 @@ def ablation_table(results, records):
     return "\n".join(rows)
 
 
-def main(argv=None):
-    parser = get_parser()
-    args = parser.parse_args(argv)
+def check_args(parser, args):
+    """The pipeline's flags, before any stage: a bad method flag must not wait for the student and teacher."""
     unknown = set(args.baselines.split(",")) - {"no-teacher", "full-ft", "ftp"}
     if unknown:
         parser.error(f"--baselines: unknown {', '.join(sorted(unknown))}; choose from no-teacher, full-ft, ftp")
@@ -345,17 +352,25 @@ def main(argv=None):
             ("--tune-last", args.tune_last == "all" or args.tune_last.isdigit() and 1 <= int(args.tune_last) <= 6,
              "1 to 6 (the student's blocks) or all"),
             ("--aug-severity", 1 <= args.aug_severity <= 10, "1 to 10"),
-            ("--calib-size", 0 <= args.calib_size < args.train_subset, "0 or more, below --train-subset"),
-            ("--train-subset", args.train_subset >= 1, "at least 1"), ("--test-subset", args.test_subset >= 1,
-                                                                        "at least 1"),
+            ("--calib-size", args.calib_size >= 0 and (args.train_subset == 0 or
+                                                       args.train_subset - args.calib_size >= args.batch_size),
+             "0 or more, leaving at least -b training images of --train-subset"),
+            ("--train-subset", args.train_subset >= 0, "0 (all) or more"),
+            ("--test-subset", args.test_subset >= 0, "0 (all) or more"),
             ("-b/--batch-size", args.batch_size >= 1, "at least 1"), ("-j/--workers", args.workers >= 0, "0 or more"),
             ("--student-epochs", min(args.student_epochs, args.teacher_epochs, args.distill_epochs,
                                      args.full_ft_epochs) >= 1, "every --*-epochs at least 1")):
-        if not ok:   # before any stage: a bad method flag must not wait for the student and teacher to train
+        if not ok:
             parser.error(f"{flag}: give {want}")
-    seeds = args.seeds.split(",") if args.seeds else []
-    if not all(s.strip().lstrip("-").isdigit() for s in seeds) or len(set(seeds)) < len(seeds):
-        parser.error(f"--seeds {args.seeds!r}: give distinct integers, e.g. 0,1,2")
+    seeds = [s.strip() for s in args.seeds.split(",")] if args.seeds else []
+    if not all(s.isdigit() for s in seeds) or len({int(s) for s in seeds}) < len(seeds):
+        parser.error(f"--seeds {args.seeds!r}: give distinct integers >= 0, e.g. 0,1,2")
+
+
+def main(argv=None):
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # everything here is local
     t0 = time.time()
     evals, folders = {}, {}
@@ -365,10 +380,10 @@ def main(argv=None):
         print(f"\n=== {name}: python {module.__name__}.py {shlex.join(stage_argv)}", flush=True)
         if module is not evaluate:
             last = os.path.join(folder, "last.pt")
-            if stale(folder, stage_argv):
-                print(f"(retraining {folder}: the checkpoints it starts from changed after it ran)")
+            if stale(folder, stage_argv) and (same_recipe(folder, stage_argv) or args.overwrite):
+                print(f"(retraining {folder}: the teacher or student checkpoint it started from has changed)")
                 stage_argv = stage_argv + ["--overwrite"]
-            elif finished(folder, stage_argv):
+            elif finished(folder, stage_argv) and not stale(folder, stage_argv):
                 print(f"(reusing the finished run in {folder})")
                 continue
             elif os.path.isfile(last) and same_recipe(folder, stage_argv):

@@ -102,17 +102,26 @@ def test_ablation_and_routing_tables_read_the_results():
 
 def test_partial_cells_bad_seeds_and_stale_stages(tmp_path, capsys):
     assert pipeline.mean_std([1.0, None, 3.0]) == "2.00 +- 1.41 (n=2)"   # a seed without a value is said
-    for flag, bad in (("--seeds", "a"), ("--seeds", "0,0"), ("--tune-last", "0"), ("--aug-severity", "11")):
+    for flag, bad in (("--seeds", "a"), ("--seeds", "0,00"), ("--seeds", "-1"), ("--tune-last", "0"),
+                      ("--aug-severity", "11"), ("--calib-size", "19990")):
         with pytest.raises(SystemExit):   # before the student and teacher train, not at the distillation
             pipeline.main([flag, bad, "--output", str(tmp_path / "bad")])
         assert flag in capsys.readouterr().err and not (tmp_path / "bad").exists()
-    # a stage whose starting checkpoint was rewritten after the stage ran (its stage retrained) is stale
+    parser = pipeline.get_parser()
+    for good in (["--test-subset", "0"], ["--train-subset", "0"], ["--tune-last", "all"], ["--tune-last", "6"],
+                 ["--seeds", "0,1"], ["--calib-size", "0"]):
+        pipeline.check_args(parser, parser.parse_args(good))   # accepted (0 subsets: every image)
+    # a finished stage is stale when the teacher it recorded (sha256) is no longer the file it names; a copy
+    # that only changes modification times is not
     teacher, stage = tmp_path / "teacher.pt", tmp_path / "method"
     teacher.write_bytes(b"weights")
     stage.mkdir()
-    (stage / "last.pt").write_bytes(b"delta")
+    final = {"final": {"inputs": {"teacher": pipeline.distill_partial.file_sha256(str(teacher)), "base": None}}}
+    (stage / "log.jsonl").write_text(json.dumps(final) + "\n")
     argv = ["--teacher", str(teacher), "--output", str(stage)]
-    os.utime(teacher, (1, 1))
-    assert not pipeline.stale(str(stage), argv)
     os.utime(teacher, (time.time() + 60, time.time() + 60))
+    assert not pipeline.stale(str(stage), argv)
+    teacher.write_bytes(b"retrained weights")
     assert pipeline.stale(str(stage), argv)
+    (stage / "log.jsonl").write_text(json.dumps({"final": {}}) + "\n")   # a run from before the hashes
+    assert not pipeline.stale(str(stage), argv)

@@ -358,6 +358,8 @@ def test_bmp_tiff_and_mixed_sizes(tmp_path, capsys):
     Image.fromarray(pixels[..., 0].numpy().astype("uint16") * 257).save(tmp_path / "deep.png")   # 16 bits
     deep = data.read_rgb(str(tmp_path / "deep.png"))
     assert deep.dtype == torch.uint8 and torch.equal(deep[1], pixels[..., 0])
+    Image.fromarray(pixels[..., 0].numpy().astype("uint16") * 257).save(tmp_path / "deep.tiff")   # PIL's branch
+    assert torch.equal(data.read_rgb(str(tmp_path / "deep.tiff")), pixels[..., 0].expand(3, 6, 5))
     mixed = [(torch.zeros(3, 8, 8), 0), (torch.zeros(3, 9, 9), 1)]
     loader = torch.utils.data.DataLoader(mixed, batch_size=2, num_workers=1, collate_fn=data.collate_skip)
     capsys.readouterr()
