@@ -893,8 +893,7 @@ def _rand(shape, gen, device, bits=False):
 def _hashed(n, keys, device, bits=False):
     """The n numbers (or bits) of one key pair. On the CPU they are made in cache-sized pieces, so the
     passes stay in cache (the numbers do not depend on the piece size)."""
-    if n >= 1 << 31:  # the counters are int32
-        raise UserError(f"{n} random numbers asked for at once; corrupt fewer images per call (at most 2^31)")
+    _int32_room(n, "random numbers")  # the counters are int32
     k1, k2 = keys
     chunk = max(1, min(n, _RAND_CHUNK * torch.get_num_threads() if device.type == "cpu" else n))
     out = torch.empty(n, dtype=torch.int32, device=device)
@@ -923,6 +922,12 @@ def _rand_many(shapes, gen, device, small=1 << 14):
         x = counter.int().mul_(_GOLDEN).add_(k1)
         out.update(zip(few, _hash_(x, k2, torch.empty_like(x)).split([sizes[i] for i in few])))
     return [out[i].view(shape) for i, shape in enumerate(shapes)]
+
+
+def _int32_room(n, what):
+    """int32 counters and indices hold fewer than 2^31 items: more at once are refused before any work."""
+    if n >= 1 << 31:
+        raise UserError(f"{n} {what} at once; corrupt fewer images per call (at most 2^31)")
 
 
 def _int32(v):
@@ -1134,8 +1139,7 @@ def glass_blur(x, severity, gen):
     x = torch.floor(_gaussian_blur(x, sigma).clamp(0, 1) * 255) / 255  # the reference goes through uint8 here
     pos, visit = _sweep_order(h, w, delta)
     dev, total = x.device, b * h * w
-    if total >= 1 << 31:
-        raise UserError(f"glass_blur got {total} pixels at once; corrupt fewer images per call (at most 2^31 pixels)")
+    _int32_room(total, "glass_blur pixels")
     # pixel indices in int32: the gathers below are random reads, and half the bytes stay in cache
     visit = visit.to(dev, torch.int32).repeat(b)
     here = (pos.to(dev)[:, None] + torch.arange(b, device=dev) * (h * w)).flatten()  # images inner
@@ -1239,8 +1243,7 @@ def _procedural_frost(b, h, w, gen, device):
     cloud = cloud.sub_(0.2).div_(0.6).clamp_(0, 1)
     # 150 seeds per image, each the origin of crystal needles in three directions (motion-blur taps of
     # radius 0.2 side, weights scaled to 1 at the seed), stamped with one scatter-add
-    if b * h * w >= 1 << 31:
-        raise UserError(f"frost got {b * h * w} pixels at once; corrupt fewer images per call (at most 2^31 pixels)")
+    _int32_room(b * h * w, "frost pixels")
     seed_at = (_rand((b, 150, 1, 2), gen, device) * torch.tensor([h, w], device=device)).int()
     strength = _rand((b, 150, 1), gen, device)
     taps = [_motion_taps(0.2 * side, 0.1 * side, _uniform((b,), 0, 360, gen, device)) for _ in range(3)]

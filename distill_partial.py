@@ -44,7 +44,7 @@ from train_teacher import (SCHEMA, Normalized, RunLog, add_model_args, add_train
                            check_resume, check_train_args, create_model, load_checkpoint, load_model, lr_at,
                            model_data_config, parse_kwargs, progress, rank_states, ranks_agree, restore_best,
                            restore_rank_state, restore_training, run_main, save_run, set_lr, setup_distributed,
-                           start_epoch)
+                           start_epoch, unreadable_batch)
 
 STUDENT_ALIASES = {
     "vit_b16": "vit_base_patch16_224.augreg2_in21k_ft_in1k",
@@ -791,7 +791,7 @@ def distill(args):
     while epoch < args.epochs:
         start_epoch(train_loader, epoch, args.seed, rank, skip)
         student.train()
-        t0, seen, seen0, loss_sum, skipped0 = time.time(), 0, 0, 0.0, skipped_images(train_set)
+        t0, seen, loss_sum, skipped0 = time.time(), 0, 0.0, skipped_images(train_set)
         view_stats = torch.zeros(3, device=device)
         if skip:   # mid-epoch resume: this rank's random state and epoch counters as they were
             mid = restore_rank_state(start["ranks"], rank, device)
@@ -800,10 +800,8 @@ def distill(args):
         seen0 = seen   # images/s counts what this process trains
         bar = progress(train_loader, rank, f"epoch {epoch + 1}/{args.epochs}")
         for i, batch in enumerate(bar, skip):
-            if batch is None:   # every image unreadable: one process skipping a step would hang the others
-                if world > 1:
-                    raise UserError(f"a whole training batch of rank {rank} is unreadable images; replace the "
-                                    f"broken files in --data-dir (or raise -b)")
+            if batch is None:
+                unreadable_batch(world, rank)
                 continue
             views, y = batch
             b = len(y)

@@ -62,9 +62,9 @@ import torch.nn.functional as F
 from data import (CORRUPTIONS, EXTRA_CORRUPTIONS, FROST_FILES, ImageFolderSafe, UserError, Views, add_data_args, augmix,
                   check_data_args, check_image_folder, check_readable, class_names, corrupt, fashion_mnist,
                   image_transforms, make_loader, native_size, shift_labels, subset, timm_info, to_float)
-from train_teacher import (Normalized, all_sum, amp_setup, check_writable, create_model, fraction, load_checkpoint,
-                           load_model, model_data_config, parse_kwargs, pgd_attack, progress, run_main,
-                           setup_distributed, temp_name)
+from train_teacher import (Normalized, all_sum, amp_setup, check_class_names, check_writable, create_model, fraction,
+                           load_checkpoint, load_model, model_data_config, parse_kwargs, pgd_attack, progress,
+                           run_main, setup_distributed, write_atomic)
 from train_teacher import add_device_arg  # own line: eases merging the import above
 
 SHIFTS = ("clean", "c", "r", "sketch", "a", "v2", "augmix")
@@ -367,13 +367,6 @@ def last_batch(fn):
     return cached_fn
 
 
-def check_classes(ckpt, classes, space, path):
-    """A checkpoint's classes must be the set's, in the same order (not just as many)."""
-    if ckpt.get("class_names", classes) != classes:
-        raise UserError(f"--checkpoint: {path} was trained on other classes "
-                        f"({', '.join(map(str, ckpt['class_names'][:3]))}, ...) than {space} ({', '.join(map(str, classes[:3]))}, ...); evaluate it on its own classes")
-
-
 def student_columns(path, name, args, alphas, text, classes, space, device):
     """Columns of a distill_partial.py delta checkpoint: one per head (--head all: clean, robust, combined,
     auto) of the student as trained or of each WiSE-FT interpolation; plus its zero-shot columns."""
@@ -382,7 +375,7 @@ def student_columns(path, name, args, alphas, text, classes, space, device):
     if ckpt["num_classes"] != len(classes):
         raise UserError(f"{path} predicts {ckpt['num_classes']} classes but {space} has {len(classes)}; "
                         f"evaluate each model on its own label space")
-    check_classes(ckpt, classes, space, path)
+    check_class_names(ckpt, classes, "--checkpoint", path, space, "evaluate it on its own classes")
     student = student.to(device).eval().requires_grad_(False)
     size, heads = ckpt["data_config"]["input_size"][-2:], ["clean", "robust", "combined", "auto"]
     heads = heads if args.head == "all" else [args.head]
@@ -433,7 +426,7 @@ def load_columns(args, alphas, classes, space, device):
         if kind == "model":
             net, ckpt = load_model(src)
             if ckpt["num_classes"] == n_classes:   # another count: refused below with the widths
-                check_classes(ckpt, classes, space, src)
+                check_class_names(ckpt, classes, "--checkpoint", src, space, "evaluate it on its own classes")
             cfg, ident = ckpt["data_config"], {"name": name, "file": file_ident(src)}
         elif kind == "timm":
             kwargs, n = parse_kwargs(args.model_kwargs), n_classes if args.num_classes is None else args.num_classes
@@ -555,7 +548,8 @@ def score(cols, loader, task, device, autocast, seed, frost_dir, attack, rank, w
         for start in range(0, len(y), batch_size):
             xb, yb = x[start:start + batch_size], y[start:start + batch_size]   # one view: columns share its forward
             for j, col in enumerate(cols):
-                # MC dropout and PGD starts draw the same numbers whichever other columns run
+                # MC dropout and PGD starts draw the same numbers whichever other columns run (the first
+                # batch of a block keeps the block's seed: a -b of 250 or more draws as one batch always did)
                 torch.manual_seed(corruption_seed(seed, task.set, task.corruption, task.severity, block,
                                                   *([start] if start else [])))
                 xj = pgd_attack(col.attack, xb, yb, **attack) if task.set == "pgd" else xb
@@ -598,10 +592,8 @@ def cached(folder, keys, sizes, compute, rank, device):
         hits[i] = hit
         if rank == 0:
             os.makedirs(folder, exist_ok=True)
-            tmp = temp_name(paths[i])   # unique: two runs may share a cache
-            with open(tmp, "x") as f:
-                json.dump({"key": keys[i], "counts": list(hit[0]), "total": hit[1]}, f)
-            os.replace(tmp, paths[i])
+            # under a unique temporary name: two runs may share a cache
+            write_atomic(paths[i], json.dumps({"key": keys[i], "counts": list(hit[0]), "total": hit[1]}))
     return hits
 
 
@@ -960,14 +952,6 @@ def run(args):
     log(markdown_table(summary, columns) + ("\n\n" + routing_md if routing_md else ""))
     log("final: " + json.dumps({n: {h: f(m) for h, f in columns if f(m) is not None} for n, m in summary.items()}))
     return results
-
-
-def write_atomic(path, text):
-    """Write a text file under a unique temporary name, then rename: readers never see half a file."""
-    tmp = temp_name(path)
-    with open(tmp, "x") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None):

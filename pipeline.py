@@ -379,11 +379,11 @@ def main(argv=None):
         folders[name] = folder
         print(f"\n=== {name}: python {module.__name__}.py {shlex.join(stage_argv)}", flush=True)
         if module is not evaluate:
-            last = os.path.join(folder, "last.pt")
-            if stale(folder, stage_argv) and (same_recipe(folder, stage_argv) or args.overwrite):
+            last, changed = os.path.join(folder, "last.pt"), stale(folder, stage_argv)
+            if changed and (same_recipe(folder, stage_argv) or args.overwrite):
                 print(f"(retraining {folder}: the teacher or student checkpoint it started from has changed)")
                 stage_argv = stage_argv + ["--overwrite"]
-            elif finished(folder, stage_argv) and not stale(folder, stage_argv):
+            elif finished(folder, stage_argv) and not changed:
                 print(f"(reusing the finished run in {folder})")
                 continue
             elif os.path.isfile(last) and same_recipe(folder, stage_argv):

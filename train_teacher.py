@@ -198,6 +198,14 @@ def temp_name(path):
     return f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
 
 
+def write_atomic(path, text):
+    """Write a text file under a unique temporary name, then rename: readers never see half a file."""
+    tmp = temp_name(path)
+    with open(tmp, "x") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(obj, path):
     """Atomic write under a unique temporary name: a crash mid-save never leaves a broken last.pt behind."""
     tmp = temp_name(path)
@@ -389,10 +397,7 @@ class RunLog:
                 if os.path.exists(os.path.join(output, name)):
                     os.remove(os.path.join(output, name))
             self._keep_log_until(resume_step)
-            tmp = temp_name(os.path.join(output, "args.json"))
-            with open(tmp, "x") as f:
-                json.dump(vars(args), f, indent=2)
-            os.replace(tmp, os.path.join(output, "args.json"))
+            write_atomic(os.path.join(output, "args.json"), json.dumps(vars(args), indent=2))
         except OSError as e:
             self.close()
             raise UserError(f"--output: cannot write in {output} ({e.strerror}); pick another folder") from None
@@ -404,11 +409,8 @@ class RunLog:
         if step is None or not os.path.isfile(path):
             return
         with open(path) as f:
-            lines = [line for line in f if _log_step(line, step + 1) <= step]
-        tmp = temp_name(path)
-        with open(tmp, "x") as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
+            kept = [line for line in f if _log_step(line, step + 1) <= step]
+        write_atomic(path, "".join(kept))
 
     def close(self):
         """Release --output's lock (the OS also releases it when the process dies)."""
@@ -475,6 +477,21 @@ def load_weights(model, path, flag="--pretrained-file"):
                         "; rename the keys to timm's (e.g. drop a prefix) or check --arch/--model-kwargs")
 
 
+def check_class_names(ckpt, classes, flag, path, space, fix):
+    """A checkpoint's classes must be `classes`, in the same order (not just as many)."""
+    if ckpt.get("class_names", classes) != classes:
+        raise UserError(f"{flag}: {path} was trained on other classes ({', '.join(map(str, ckpt['class_names'][:3]))}, "
+                        f"...) than {space} ({', '.join(map(str, classes[:3]))}, ...); {fix}")
+
+
+def unreadable_batch(world, rank):
+    """A training batch all of whose images were unreadable: skipped alone; under torchrun one process
+    skipping a step would leave the others waiting for it, so the run stops."""
+    if world > 1:
+        raise UserError(f"a whole training batch of rank {rank} is unreadable images; replace the broken files in "
+                        f"--data-dir (or raise -b)")
+
+
 def create_model(arch, num_classes, pretrained=False, pretrained_file=None, model_kwargs=None,
                  flag="--pretrained-file", class_names=None, arch_flag="--arch", **extra):
     """A bare timm model. Errors a user can cause are one sentence, raised before heavy work.
@@ -504,10 +521,8 @@ def create_model(arch, num_classes, pretrained=False, pretrained_file=None, mode
         if own is not None and model_kwargs and dict(model_kwargs) != own["model_kwargs"]:
             raise UserError(f"--model-kwargs: {pretrained_file} was built with {own['model_kwargs']}, not "
                             f"{dict(model_kwargs)}; leave --model-kwargs out (the file brings its own)")
-        if own is not None and class_names is not None and own["num_classes"] == num_classes and \
-                own.get("class_names", class_names) != class_names:
-            raise UserError(f"{flag}: {pretrained_file} was trained on other classes "
-                            f"({', '.join(own['class_names'][:3])}, ...) than the data's ({', '.join(class_names[:3])}, ...); give weights for these classes")
+        if own is not None and class_names is not None and own["num_classes"] == num_classes:
+            check_class_names(own, class_names, flag, pretrained_file, "the data's", "give weights for these classes")
     try:
         if own is not None:  # a checkpoint of this project: same model kwargs, keep or replace its head
             model = timm.create_model(arch, num_classes=own["num_classes"], **dict(own["model_kwargs"], **extra))
@@ -844,17 +859,15 @@ def train(args):
     while epoch < args.epochs:
         start_epoch(train_loader, epoch, args.seed, rank, skip)
         net.train()
-        t0, seen, seen0, loss_sum, skipped0 = time.time(), 0, 0, 0.0, skipped_images(train_set)
+        t0, seen, loss_sum, skipped0 = time.time(), 0, 0.0, skipped_images(train_set)
         if skip:   # mid-epoch resume: this rank's random state and epoch counters as they were
             mid = restore_rank_state(start["ranks"], rank, device)
             seen, loss_sum, skipped0 = mid["seen"], mid["loss_sum"], skipped0 - mid["skipped"]
         seen0 = seen   # images/s counts what this process trains
         bar = progress(train_loader, rank, f"epoch {epoch + 1}/{args.epochs}")
         for i, batch in enumerate(bar, skip):
-            if batch is None:   # every image unreadable: one process skipping a step would hang the others
-                if world > 1:
-                    raise UserError(f"a whole training batch of rank {rank} is unreadable images; replace the "
-                                    f"broken files in --data-dir (or raise -b)")
+            if batch is None:
+                unreadable_batch(world, rank)
                 continue
             views, y = batch
             x = device_views(views, device, batch_aug, n_aug)   # --aug-device cuda: AugMix views made here
