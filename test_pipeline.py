@@ -87,13 +87,15 @@ def test_ablation_and_routing_tables_read_the_results():
         return heads
     models = {f"{name}:{h}": m for name, args in (("method", (70, 60, 65, 95.0)), ("no teacher", (71, 61, 66, 94.0)))
               for h, m in student(*args).items()}
+    models["teacher"] = {"sets": {"clean": {"top1": 80.0}, "augmix": {"top1": 77.5}}, "c": {"extra_mean_acc": 79.0}}
     table = pipeline.ablation_table({"models": models}, {"method": {"student_on_views": 74.1, "teacher_on_views": 80.7,
                                                                     "train_time_s": 12.5}})
     lines = table.splitlines()
     assert lines[2] == ("| method | 73.00 / 71.00 / 72.00 | 63.00 / 61.00 / 62.00 | 68.00 / 66.00 / 67.00 | 95.0 | "
                         "74.10 / 80.70 | 12.5 |")
     assert lines[3].startswith("| no teacher | 74.00 / 72.00 / 73.00 |") and lines[3].endswith("| - | - |")
-    assert lines[-1] == "| (original = every clean head) | 70.00 | 60.00 | 65.00 | - | - | - |"
+    assert lines[-2] == "| (original = every clean head) | 70.00 | 60.00 | 65.00 | - | - | - |"
+    assert lines[-1] == "| (teacher) | 80.00 | 77.50 | 79.00 | - | - | - |"
     routing = pipeline.routing_table({"models": {"method-s0:auto": models["method:auto"],
                                                  "method-s1:auto": models["no teacher:auto"]}}).splitlines()
     assert routing[2] == ("| method | 94.50 +- 0.71 | 1.00 +- 0.00 | 5.00 +- 0.00 | 7.00 +- 0.00 | "
@@ -125,3 +127,28 @@ def test_partial_cells_bad_seeds_and_stale_stages(tmp_path, capsys):
     assert pipeline.stale(str(stage), argv)
     (stage / "log.jsonl").write_text(json.dumps({"final": {}}) + "\n")   # a run from before the hashes
     assert not pipeline.stale(str(stage), argv)
+
+
+def test_resnet_student_stages(tmp_path, capsys):
+    """--student resnet: the paper's regime (a CNN student stronger than the teacher on clean images). Its stages
+    pre-train a ResNet-18 with SGD and tune its last stage (K = 2 of 8 blocks) unless --tune-last says otherwise."""
+    parser = pipeline.get_parser()
+    args = parser.parse_args(["--student", "resnet", "--compare", "--baselines", "no-teacher", "--output", "x"])
+    pipeline.check_args(parser, args)
+    run = {name: argv for name, _, argv in pipeline.stages(args)}
+    student = run["student"]
+    assert student[student.index("--arch") + 1] == "resnet18" and "channels=[32,64,128,256]" in student
+    assert not any(a.startswith("img_size=") for a in student)   # a ViT-only kwarg
+    assert student[student.index("--opt") + 1] == "sgd" and student[student.index("--lr") + 1] == "0.1"
+    for name in ("method", "no-teacher"):
+        argv = run[name]
+        assert argv[argv.index("--student") + 1] == "resnet18" and argv[argv.index("--tune-last") + 1] == "2"
+        assert argv[argv.index("--pretrained-file") + 1] == os.path.join("x", "student", "best.pt")
+    vit = {name: argv for name, _, argv in pipeline.stages(parser.parse_args([]))}
+    assert vit["method"][vit["method"].index("--tune-last") + 1] == "1" and "img_size=32" in vit["student"]
+    for good in ("8", "all"):
+        pipeline.check_args(parser, parser.parse_args(["--student", "resnet", "--tune-last", good]))
+    for argv in (["--student", "resnet", "--tune-last", "9"], ["--tune-last", "7"]):
+        with pytest.raises(SystemExit):
+            pipeline.check_args(parser, parser.parse_args(argv))
+        assert "--tune-last" in capsys.readouterr().err
