@@ -32,8 +32,8 @@ import train_teacher
 # The "large pre-trained" students and the small teacher, sized for a 2-core CPU. --student vit (default):
 # a 2.7M-parameter ViT (6 blocks, 16 patches of 8x8 px; img_size=--img-size is added per run), which on this
 # data stays below the CNN teacher even on clean images (README: the regime is the reverse of the paper's).
-# --student resnet: a 2.8M-parameter ResNet-18 (8 blocks), better than the teacher on clean images, as in the
-# paper. Each: timm arch + kwargs, its clean pre-training recipe, its number of blocks, its default K.
+# --student resnet: a 2.8M-parameter ResNet-18 (8 blocks), as good as the teacher on clean images and less
+# robust, as in the paper. Each: timm arch + kwargs, its clean pre-training recipe, its number of blocks, its default K.
 STUDENTS = {
     "vit": (["--arch", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=8", "embed_dim=192", "depth=6",
              "num_heads=3", "global_pool=avg", "class_token=False"],
@@ -41,7 +41,7 @@ STUDENTS = {
     "resnet": (["--arch", "resnet18", "--model-kwargs", "channels=[32,64,128,256]"],
                ["--opt", "sgd", "--lr", "0.1"], 8, "2"),   # K = 2: its last stage
 }
-# 0.33M parameters: ResNet-10 with 8x fewer channels than ResNet-18
+# 0.33M parameters (8x fewer than either student): a ResNet-10 at a quarter of timm's ResNet-18 widths
 TEACHER = ["--arch", "resnet18", "--model-kwargs", "layers=[1,1,1,1]", "channels=[16,32,64,128]"]
 
 
@@ -62,9 +62,10 @@ def get_parser():
     p.add_argument("--wise", action="store_true", help="with --compare: the WiSE-FT sweep of complete fine-tuning")
     p.add_argument("--baselines", default="no-teacher,full-ft,ftp", help="with --compare: which baselines to train")
     p.add_argument("--student", choices=sorted(STUDENTS), default="vit", help="the pre-trained student: a ViT "
-                   "weaker than the teacher on clean images, or a ResNet-18 stronger than it (the paper's regime)")
-    p.add_argument("--tune-last", default=None, help="K: blocks of the student to tune (default: 1 of the ViT's 6, "
-                   "2 of the ResNet's 8)")
+                   "weaker than the teacher on clean images, or a ResNet-18 as good as it and less robust (the "
+                   "paper's regime; the README's study adds --teacher-epochs 6)")
+    p.add_argument("--tune-last", default="auto", help="K: blocks of the student to tune, or all (auto: 1 of the "
+                   "ViT's 6, 2 of the ResNet's 8)")
     p.add_argument("--aug-severity", type=int, default=6, help="AugMix severity of the distillation stages' views "
                    "(6: the views the frozen student gets wrong and the teacher right; see README)")
     p.add_argument("--calib-size", type=int, default=1000, help="held-out clean images that calibrate tau")
@@ -136,7 +137,7 @@ def stale(folder, argv):
 
 
 def tune_last(args):
-    return args.tune_last or STUDENTS[args.student][3]
+    return STUDENTS[args.student][3] if args.tune_last == "auto" else args.tune_last
 
 
 def method_stage(args):

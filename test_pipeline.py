@@ -91,6 +91,7 @@ def test_ablation_and_routing_tables_read_the_results():
     table = pipeline.ablation_table({"models": models}, {"method": {"student_on_views": 74.1, "teacher_on_views": 80.7,
                                                                     "train_time_s": 12.5}})
     lines = table.splitlines()
+    assert len(lines) == 6   # header, rule, two variants, the original, the teacher (no heads: no variant row)
     assert lines[2] == ("| method | 73.00 / 71.00 / 72.00 | 63.00 / 61.00 / 62.00 | 68.00 / 66.00 / 67.00 | 95.0 | "
                         "74.10 / 80.70 | 12.5 |")
     assert lines[3].startswith("| no teacher | 74.00 / 72.00 / 73.00 |") and lines[3].endswith("| - | - |")
@@ -130,7 +131,7 @@ def test_partial_cells_bad_seeds_and_stale_stages(tmp_path, capsys):
 
 
 def test_resnet_student_stages(tmp_path, capsys):
-    """--student resnet: the paper's regime (a CNN student stronger than the teacher on clean images). Its stages
+    """--student resnet: the paper's regime (a CNN student as good as the teacher on clean images). Its stages
     pre-train a ResNet-18 with SGD and tune its last stage (K = 2 of 8 blocks) unless --tune-last says otherwise."""
     parser = pipeline.get_parser()
     args = parser.parse_args(["--student", "resnet", "--compare", "--baselines", "no-teacher", "--output", "x"])
@@ -144,11 +145,20 @@ def test_resnet_student_stages(tmp_path, capsys):
         argv = run[name]
         assert argv[argv.index("--student") + 1] == "resnet18" and argv[argv.index("--tune-last") + 1] == "2"
         assert argv[argv.index("--pretrained-file") + 1] == os.path.join("x", "student", "best.pt")
-    vit = {name: argv for name, _, argv in pipeline.stages(parser.parse_args([]))}
-    assert vit["method"][vit["method"].index("--tune-last") + 1] == "1" and "img_size=32" in vit["student"]
+    vit = {name: argv for name, _, argv in pipeline.stages(parser.parse_args(["--ablate"]))}
+    assert vit["method"][vit["method"].index("--tune-last") + 1] == "1"
+    assert vit["student"][vit["student"].index("--arch"):vit["student"].index("--output")] == [   # runs made before
+        "--arch", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32", "patch_size=8", "embed_dim=192",   # stay
+        "depth=6", "num_heads=3", "global_pool=avg", "class_token=False", "--epochs", "4", "--warmup-epochs",  # reused
+        "0.3", "--opt", "adamw", "--lr", "1e-3", "--weight-decay", "0.05", "-b", "64"]
+    ablation = vit["ablation"]   # the teacher is scored beside the variants, paired with its name
+    names = ablation[ablation.index("--name") + 1:ablation.index("--head")]
+    paths = ablation[ablation.index("--checkpoint") + 1:ablation.index("--name")]
+    assert names[-1] == "teacher" and paths[-1] == os.path.join("runs", "fmnist", "teacher", "best.pt")
+    assert len(names) == len(paths) == len(pipeline.ABLATIONS) + 2
     for good in ("8", "all"):
         pipeline.check_args(parser, parser.parse_args(["--student", "resnet", "--tune-last", good]))
-    for argv in (["--student", "resnet", "--tune-last", "9"], ["--tune-last", "7"]):
+    for argv in (["--student", "resnet", "--tune-last", "9"], ["--tune-last", "7"], ["--tune-last", ""]):
         with pytest.raises(SystemExit):
             pipeline.check_args(parser, parser.parse_args(argv))
         assert "--tune-last" in capsys.readouterr().err
