@@ -417,7 +417,6 @@ def load_columns(args, alphas, classes, space, device):
                         f"{', '.join(sorted(set(kinds)))} models, with no branch to interpolate")
     text = load_text_embeddings(args.zeroshot_head, n_classes).to(device) if args.zeroshot_head else None
     cols, configs = [], []
-    torch.manual_seed(args.seed)  # --model without weights: the same random init on every rank and in every run
     for src, name, kind in zip(args.checkpoint + args.model, names, kinds):
         if kind == "delta":
             new, cfg = student_columns(src, name, args, alphas, text, classes, space, device)
@@ -430,7 +429,8 @@ def load_columns(args, alphas, classes, space, device):
             cfg, ident = ckpt["data_config"], {"name": name, "file": file_ident(src)}
         elif kind == "timm":
             kwargs, n = parse_kwargs(args.model_kwargs), n_classes if args.num_classes is None else args.num_classes
-            torch.manual_seed(args.seed)   # without weights: the same random init wherever it stands in the list
+            # without weights: the same random init on every rank, in every run, wherever it stands in the list
+            torch.manual_seed(args.seed)
             model = create_model(src, n, args.pretrained, args.pretrained_file, kwargs, arch_flag="--model")
             cfg = model_data_config(model, args.img_size or native_size(args.dataset))
             net = Normalized(model, cfg)

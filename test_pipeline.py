@@ -147,9 +147,10 @@ def test_resnet_student_stages(tmp_path, capsys):
         assert argv[argv.index("--pretrained-file") + 1] == os.path.join("x", "student", "best.pt")
     vit = {name: argv for name, _, argv in pipeline.stages(parser.parse_args(["--ablate"]))}
     assert vit["method"][vit["method"].index("--tune-last") + 1] == "1"
-    assert vit["student"][vit["student"].index("--arch"):vit["student"].index("--output")] == [   # runs made before
-        "--arch", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32", "patch_size=8", "embed_dim=192",   # stay
-        "depth=6", "num_heads=3", "global_pool=avg", "class_token=False", "--epochs", "4", "--warmup-epochs",  # reused
+    # the ViT student's stage as before --student existed, so runs made then are still reused
+    assert vit["student"][vit["student"].index("--arch"):vit["student"].index("--output")] == [
+        "--arch", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32", "patch_size=8", "embed_dim=192",
+        "depth=6", "num_heads=3", "global_pool=avg", "class_token=False", "--epochs", "4", "--warmup-epochs",
         "0.3", "--opt", "adamw", "--lr", "1e-3", "--weight-decay", "0.05", "-b", "64"]
     ablation = vit["ablation"]   # the teacher is scored beside the variants, paired with its name
     names = ablation[ablation.index("--name") + 1:ablation.index("--head")]
