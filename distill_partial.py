@@ -71,6 +71,9 @@ def get_parser():
                    "student, or the teacher alone")
     p.add_argument("--kd-temp", type=float, default=2.0, help="distillation temperature T")
     p.add_argument("--kd-weight", type=float, default=0.5, help="lam: weight of the KD term in the robust loss")
+    p.add_argument("--jsd", type=float, nargs="?", const=12.0, default=0.0, help="Jensen-Shannon consistency "
+                   "weight over the combined head's clean view and 2 AugMix views (0 = off, 1 view; --jsd alone: 12, "
+                   "AugMix's recipe, e.g. for complete AugMix fine-tuning)")
     p.add_argument("--branch-dropout", type=float, default=0.1, help="dropout on branch features before the "
                    "new heads (also the MC dropout of --mc-samples)")
     p.add_argument("--mc-samples", type=int, default=1, help="MC-dropout passes for head selection")
@@ -342,17 +345,27 @@ def kd_target(teacher_logits, student_logits, T):
     return w[:, None] * t + (1 - w[:, None]) * o, w
 
 
-def method_loss(robust_aug, combined_clean, combined_aug, y, q=None, T=2.0, lam=0.5, smoothing=0.0):
+def method_loss(robust_aug, combined_clean, combined_aug, y, q=None, T=2.0, lam=0.5, smoothing=0.0, jsd=0.0):
     """L = (1-lam) CE(h_r(x'), y) + lam T^2 KL(q || softmax(h_r(x')/T)) + CE(h_m(x), y) + CE(h_m(x'), y),
     in fp32 (each CE with label smoothing `smoothing`). Without a teacher (q None) the robust head is
-    trained with cross-entropy alone."""
+    trained with cross-entropy alone. With n AugMix views per image (--jsd: 2), robust_aug, combined_aug and
+    q hold them view after view (n B rows for the B labels y) and each x' term is their mean. jsd > 0 adds
+    AugMix's Jensen-Shannon consistency over the combined head's clean view and its AugMix views:
+    jsd * mean_i KL(p_i || m), m = mean_i p_i (clamped to [1e-7, 1], as in AugMix and timm)."""
     robust_aug, combined_clean, combined_aug = robust_aug.float(), combined_clean.float(), combined_aug.float()
     ce = functools.partial(F.cross_entropy, label_smoothing=smoothing)
-    loss_r = ce(robust_aug, y)
+    n = len(robust_aug) // len(y)
+    y_aug = y.repeat(n)
+    loss_r = ce(robust_aug, y_aug)
     if q is not None and lam > 0:
         kd = F.kl_div((robust_aug / T).log_softmax(-1), q, reduction="batchmean") * T * T
         loss_r = (1 - lam) * loss_r + lam * kd
-    return loss_r + ce(combined_clean, y) + ce(combined_aug, y)
+    loss = loss_r + ce(combined_clean, y) + ce(combined_aug, y_aug)
+    if jsd:
+        probs = [combined_clean.softmax(-1), *combined_aug.softmax(-1).chunk(n)]
+        log_mix = torch.stack(probs).mean(0).clamp(1e-7, 1).log()
+        loss = loss + jsd * sum(F.kl_div(log_mix, p, reduction="batchmean") for p in probs) / len(probs)
+    return loss
 
 
 # ----------------------------------------------------------------------------- FTP (--opt ftp)
@@ -632,8 +645,9 @@ def compile_models(student, teacher=None):
 
 
 def train_step(student, teacher, x, y, opt, scaler, autocast, kd_temp, kd_weight, kd_mode="uncertainty",
-               smoothing=0.0):
-    """One step of the method on x = [clean views; AugMix views] (2B images) and labels y (B).
+               smoothing=0.0, jsd=0.0):
+    """One step of the method on x = [clean views; AugMix views] ((1 + n) B images: n = 2 with --jsd, else 1)
+    and labels y (B).
     student may be DDP-wrapped: a single forward call, so DDP sees every trainable parameter once.
     Returns (loss, view stats): on the AugMix views, how many the frozen student and the teacher get right
     and the sum of the teacher's KD weight w (zeros where not computed). Useful views are ones the frozen
@@ -649,8 +663,8 @@ def train_step(student, teacher, x, y, opt, scaler, autocast, kd_temp, kd_weight
                 t_logits = teacher(x[b:])
             t_logits = t_logits.clone()   # clone: a normal tensor, usable by autograd
             q, w = kd_target(t_logits, clean, kd_temp) if kd_mode == "uncertainty" else \
-                ((t_logits.float() / kd_temp).softmax(-1), torch.ones(b, device=y.device))
-    loss = method_loss(robust[b:], combined[:b], combined[b:], y, q, kd_temp, kd_weight, smoothing)
+                ((t_logits.float() / kd_temp).softmax(-1), torch.ones(len(t_logits), device=y.device))
+    loss = method_loss(robust[b:], combined[:b], combined[b:], y, q, kd_temp, kd_weight, smoothing, jsd)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt)
@@ -658,7 +672,9 @@ def train_step(student, teacher, x, y, opt, scaler, autocast, kd_temp, kd_weight
     with torch.no_grad():
         stats = torch.zeros(3, device=y.device)
         if teacher is not None:
-            stats = torch.stack([(clean.argmax(-1) == y).sum(), (t_logits.argmax(-1) == y).sum(), w.sum()]).float()
+            n, y_aug = len(t_logits) // b, y.repeat(len(t_logits) // b)   # per image: the mean over its views
+            stats = torch.stack([(clean.argmax(-1) == y_aug).sum(), (t_logits.argmax(-1) == y_aug).sum(),
+                                 w.sum()]).float() / n
     return loss.detach(), stats
 
 
@@ -700,6 +716,8 @@ def check_args(args):
         raise UserError("--kd-weight must lie in [0, 1] and --kd-temp be positive")
     if not 0 < args.tau_quantile < 1 or args.mc_samples < 1:
         raise UserError("--tau-quantile must lie in (0, 1) and --mc-samples be at least 1")
+    if not (math.isfinite(args.jsd) and args.jsd >= 0):
+        raise UserError(f"--jsd {args.jsd:g}: give a finite weight >= 0 (0: off; 12: AugMix's)")
     if not 0 <= args.branch_dropout < 1 or args.calib_size < 0:
         raise UserError("--branch-dropout must lie in [0, 1) and --calib-size be >= 0 (0: no calibration)")
     hub_id = args.teacher.startswith(("hf-hub:", "hf_hub:"))
@@ -745,7 +763,8 @@ def distill(args):
         student.load_state_dict(start["model"], strict=False)
 
     train_tf, eval_tf = image_transforms(args.dataset, cfg)
-    train_views, batch_aug = augmix_views(train_tf, 1, args.aug_device, args.aug_severity, args.aug_width,
+    n_aug = 2 if args.jsd else 1
+    train_views, batch_aug = augmix_views(train_tf, n_aug, args.aug_device, args.aug_severity, args.aug_width,
                                           args.aug_depth, args.aug_all_ops)   # cuda: AugMix in the loop below
     train_set, val_set = build_datasets(args.dataset, args.data_dir, train_views, Views(eval_tf),
                                         args.train_subset, args.val_subset)
@@ -805,12 +824,12 @@ def distill(args):
                 continue
             views, y = batch
             b = len(y)
-            x = device_views(views, device, batch_aug, 1)   # [clean; AugMix] on the device
+            x = device_views(views, device, batch_aug, n_aug)   # [clean; AugMix view(s)] on the device
             y = y.to(device, non_blocking=True)
             lr = lr_at(step, total, args.lr, args.sched, warmup, args.ssfd_peak)
             set_lr(opt, lr)
             loss, stats = train_step(ddp, teacher, x, y, opt, scaler, autocast, args.kd_temp, args.kd_weight,
-                                     args.kd_target, args.smoothing)
+                                     args.kd_target, args.smoothing, args.jsd)
             view_stats += stats
             step += 1
             seen += b * world

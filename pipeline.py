@@ -43,6 +43,8 @@ STUDENTS = {
 }
 # 0.33M parameters (8x fewer than either student): a ResNet-10 at a quarter of timm's ResNet-18 widths
 TEACHER = ["--arch", "resnet18", "--model-kwargs", "layers=[1,1,1,1]", "channels=[16,32,64,128]"]
+# what --compare --baselines may name (the stages themselves are built in stages())
+BASELINES = ("no-teacher", "full-ft", "full-ft-jsd", "ftp")
 
 
 def get_parser():
@@ -60,7 +62,9 @@ def get_parser():
     p.add_argument("--distill-epochs", type=int, default=1, help="epochs of the method and of the partial baselines")
     p.add_argument("--full-ft-epochs", type=int, default=3, help="epochs of complete AugMix fine-tuning")
     p.add_argument("--wise", action="store_true", help="with --compare: the WiSE-FT sweep of complete fine-tuning")
-    p.add_argument("--baselines", default="no-teacher,full-ft,ftp", help="with --compare: which baselines to train")
+    p.add_argument("--baselines", default="no-teacher,full-ft,ftp", help="with --compare: which baselines to train, "
+                   f"of {', '.join(BASELINES)} (full-ft-jsd: complete fine-tuning with AugMix's Jensen-Shannon "
+                   "consistency, 1.5x full-ft's compute)")
     p.add_argument("--student", choices=sorted(STUDENTS), default="vit", help="the pre-trained student: a ViT "
                    "weaker than the teacher on clean images, or a ResNet-18 as good as it and less robust (the "
                    "paper's regime; the README's study adds --teacher-epochs 6)")
@@ -186,6 +190,8 @@ def stages(args):
                 "no-teacher": d + k + ["--teacher", "none"],
                 "full-ft": with_flags(d, ["--epochs", str(args.full_ft_epochs)]) + ["--tune-last", "all", "--teacher",
                                                                                      "none"],
+                "full-ft-jsd": with_flags(d, ["--epochs", str(args.full_ft_epochs)]) + ["--tune-last", "all",
+                                                                                         "--teacher", "none", "--jsd"],
                 "ftp": d + k + teacher + ["--opt", "ftp", "--weight-decay", "0"]}
             for b in args.baselines.split(","):
                 run.append((f"{b}{tag(s)}", distill_partial, baselines[b] + out(f"{b}{tag(s)}")))
@@ -369,10 +375,10 @@ def ablation_table(results, records):
 
 def check_args(parser, args):
     """The pipeline's flags, before any stage: a bad method flag must not wait for the student and teacher."""
-    unknown = set(args.baselines.split(",")) - {"no-teacher", "full-ft", "ftp"}
+    unknown = set(args.baselines.split(",")) - set(BASELINES)
     k, blocks = tune_last(args), STUDENTS[args.student][2]
     if unknown:
-        parser.error(f"--baselines: unknown {', '.join(sorted(unknown))}; choose from no-teacher, full-ft, ftp")
+        parser.error(f"--baselines: unknown {', '.join(sorted(unknown))}; choose from {', '.join(BASELINES)}")
     for flag, ok, want in (
             ("--tune-last", k == "all" or k.isdigit() and 1 <= int(k) <= blocks, f"1 to {blocks} (the student's "
              "blocks) or all"),

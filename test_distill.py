@@ -321,6 +321,34 @@ def test_kd_target_and_method_loss_by_hand():
                                ce(robust) + ce(comb_clean) + ce(comb_aug), rtol=1e-5, atol=1e-6)
 
 
+def test_two_views_and_jsd_by_hand():
+    """--jsd: two AugMix views per image, each x' term their mean, plus 12 * the Jensen-Shannon divergence
+    of the combined head over (clean, view 1, view 2); one view and jsd 0 is the plain loss."""
+    g = torch.Generator().manual_seed(0)
+    b, C, T, lam = 3, 4, 2.0, 0.5
+    robust, comb_aug, q_logits = (torch.randn(2 * b, C, generator=g) for _ in range(3))
+    comb_clean, y, q = torch.randn(b, C, generator=g), torch.tensor([0, 3, 1]), softmax(q_logits / T)
+
+    def ce(z, labels):
+        return -torch.log(softmax(z)[torch.arange(len(z)), labels]).mean()
+
+    p = softmax(robust / T)
+    kl = (q * (torch.log(q) - torch.log(p))).sum(-1).mean()
+    y2 = torch.cat([y, y])
+    plain = (1 - lam) * ce(robust, y2) + lam * T * T * kl + ce(comb_clean, y) + ce(comb_aug, y2)
+    probs = [softmax(comb_clean), softmax(comb_aug[:b]), softmax(comb_aug[b:])]
+    mix = sum(probs) / 3
+    js = sum((pi * (torch.log(pi) - torch.log(mix))).sum(-1).mean() for pi in probs) / 3
+    torch.testing.assert_close(dp.method_loss(robust, comb_clean, comb_aug, y, q, T, lam), plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dp.method_loss(robust, comb_clean, comb_aug, y, q, T, lam, jsd=12.0), plain + 12 * js,
+                               rtol=1e-5, atol=1e-6)
+    assert js > 0.01
+    # the consistency term vanishes where the combined head answers alike on all three views
+    same = comb_clean.repeat(2, 1)
+    torch.testing.assert_close(dp.method_loss(robust, comb_clean, same, y, q, T, lam, jsd=12.0),
+                               dp.method_loss(robust, comb_clean, same, y, q, T, lam), rtol=1e-6, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- head selection
 
 def test_select_head_by_hand():
@@ -629,6 +657,43 @@ def test_train_step_feeds_the_augmix_half_to_teacher_and_robust_head(monkeypatch
         _, robust, combined = student(x, clean_rows=slice(b, None))
     for got, want in zip(seen["losses"], (robust[b:], combined[:b], combined[b:])):
         torch.testing.assert_close(got, want)
+
+
+def test_train_step_with_two_views_counts_per_image():
+    """--jsd: x = [clean; view 1; view 2]; the teacher and the robust head see both views, and the view
+    statistics stay counts per image (the mean over its two views), so an epoch's percentages keep their
+    meaning."""
+    student, _ = tiny_student("cnn", 2)
+    student.train()
+    x, y, b = images(12, seed=4), torch.arange(4), 4
+    seen = {}
+
+    class Teacher(torch.nn.Module):
+        def forward(self, v):
+            seen["teacher"] = v.clone()
+            return F.one_hot(y.repeat(2), 10).float() * 9   # right and sure on every view
+
+    torch.manual_seed(0)
+    opt = dp.build_optimizer(student, "sgd", 0.0, 0.0, torch.device("cpu"))
+    autocast, scaler = tt.amp_setup(torch.device("cpu"), False, "bf16")
+    loss, stats = dp.train_step(student, Teacher(), x, y, opt, scaler, autocast, 2.0, 0.5, jsd=12.0)
+    assert torch.equal(seen["teacher"], x[b:]) and torch.isfinite(loss)
+    assert stats[1] == b and 0 <= stats[0] <= b and 0 < stats[2] <= b   # teacher right on all b images
+
+
+def test_jsd_run_trains_on_two_views(root, teacher, monkeypatch):
+    """distill_partial.py --jsd end to end: the loader makes two AugMix views per image, every step trains
+    on [clean; view 1; view 2] with the weight 12, and the epoch's view statistics stay percentages."""
+    shapes, step = [], dp.train_step
+    monkeypatch.setattr(dp, "train_step", lambda student, teacher, x, y, *a, **k: (
+        shapes.append((len(x), len(y), a[-1])), step(student, teacher, x, y, *a, **k))[1])
+    out = root / "jsd"
+    result, _ = run_distill(FMNIST + TINY_CNN + ["--teacher", teacher, "--tune-last", "1", "--jsd", "--epochs", "1",
+                                                 "--output", str(out)])
+    assert len(shapes) == STEPS_PER_EPOCH and all(n == 3 * b and w == 12.0 for n, b, w in shapes)
+    epoch = [json.loads(line) for line in open(out / "log.jsonl") if '"epoch"' in line][0]
+    assert all(0 <= epoch[k] <= 100 for k in ("student_on_views", "teacher_on_views", "teacher_weight"))
+    assert math.isfinite(result["val"]["auto"])
 
 
 def test_calibration_runs_in_eval_mode_and_holdout_is_disjoint():

@@ -157,6 +157,12 @@ def test_resnet_student_stages(tmp_path, capsys):
     paths = ablation[ablation.index("--checkpoint") + 1:ablation.index("--name")]
     assert names[-1] == "teacher" and paths[-1] == os.path.join("runs", "fmnist", "teacher", "best.pt")
     assert len(names) == len(paths) == len(pipeline.ABLATIONS) + 2
+    # complete fine-tuning with AugMix's Jensen-Shannon consistency: full-ft's stage plus --jsd (weight 12)
+    args = parser.parse_args(["--student", "resnet", "--compare", "--baselines", "full-ft,full-ft-jsd"])
+    run = {name: argv for name, _, argv in pipeline.stages(args)}
+    assert run["full-ft-jsd"][:run["full-ft-jsd"].index("--output")] == run["full-ft"][:run["full-ft"].index(
+        "--output")] + ["--jsd"]
+    assert pipeline.distill_partial.get_parser().parse_args(run["full-ft-jsd"]).jsd == 12.0
     for good in ("8", "all"):
         pipeline.check_args(parser, parser.parse_args(["--student", "resnet", "--tune-last", good]))
     for argv in (["--student", "resnet", "--tune-last", "9"], ["--tune-last", "7"], ["--tune-last", ""]):

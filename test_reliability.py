@@ -130,6 +130,7 @@ BAD = [
     ("distill", D + ["--lr", "-0.1"], "--lr -0.1: give a positive"),
     ("distill", D + ["--kd-weight", "2"], "--kd-weight must lie in [0, 1]"),
     ("distill", D + ["--branch-dropout", "1.5"], "--branch-dropout must lie in [0, 1)"),
+    ("distill", D + ["--jsd", "-1"], "--jsd -1: give a finite weight >= 0"),
     ("distill", D + ["--test-subset", "3"], None),   # argparse: unknown flag (exit 2, its own usage lines)
     ("distill", D + ["--pretrained-file", "{student}/best.pt"], "--pretrained-file: {student}/best.pt is a delta"),
     ("distill", D + ["--resume", "{teacher}/last.pt"], "--resume: {teacher}/last.pt is a train_teacher.py model"),
