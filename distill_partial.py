@@ -740,7 +740,7 @@ def distill(args):
     kwargs = parse_kwargs(args.model_kwargs)
     start = load_checkpoint(args.resume) if args.resume else None
     if start is not None:
-        check_resume(start, args, "delta", "distill_partial.py", world, "--student")
+        check_resume(start, args, "delta", "distill_partial.py", world, "--student", get_parser())
     size = args.img_size or native_size(args.dataset)
 
     # Wrap order: build -> load weights into the bare module -> to(device) -> compile -> DDP.

@@ -323,7 +323,8 @@ def test_kd_target_and_method_loss_by_hand():
 
 def test_two_views_and_jsd_by_hand():
     """--jsd: two AugMix views per image, each x' term their mean, plus 12 * the Jensen-Shannon divergence
-    of the combined head over (clean, view 1, view 2); one view and jsd 0 is the plain loss."""
+    of the combined head over (clean, view 1, view 2); one view and jsd 0 is the loss from before --jsd,
+    bit for bit (runs made before it reproduce exactly)."""
     g = torch.Generator().manual_seed(0)
     b, C, T, lam = 3, 4, 2.0, 0.5
     robust, comb_aug, q_logits = (torch.randn(2 * b, C, generator=g) for _ in range(3))
@@ -343,6 +344,10 @@ def test_two_views_and_jsd_by_hand():
     torch.testing.assert_close(dp.method_loss(robust, comb_clean, comb_aug, y, q, T, lam, jsd=12.0), plain + 12 * js,
                                rtol=1e-5, atol=1e-6)
     assert js > 0.01
+    one = [robust[:b], comb_clean, comb_aug[:b]]   # the loss as it was before --jsd, op for op
+    kd = F.kl_div((one[0] / T).log_softmax(-1), q[:b], reduction="batchmean") * T * T
+    before = (1 - lam) * F.cross_entropy(one[0], y) + lam * kd + F.cross_entropy(one[1], y) + F.cross_entropy(one[2], y)
+    assert torch.equal(dp.method_loss(*one, y, q[:b], T, lam), before)
     # the consistency term vanishes where the combined head answers alike on all three views
     same = comb_clean.repeat(2, 1)
     torch.testing.assert_close(dp.method_loss(robust, comb_clean, same, y, q, T, lam, jsd=12.0),
@@ -659,7 +664,7 @@ def test_train_step_feeds_the_augmix_half_to_teacher_and_robust_head(monkeypatch
         torch.testing.assert_close(got, want)
 
 
-def test_train_step_with_two_views_counts_per_image():
+def test_train_step_with_two_views_counts_per_image(monkeypatch):
     """--jsd: x = [clean; view 1; view 2]; the teacher and the robust head see both views, and the view
     statistics stay counts per image (the mean over its two views), so an epoch's percentages keep their
     meaning."""
@@ -673,12 +678,21 @@ def test_train_step_with_two_views_counts_per_image():
             seen["teacher"] = v.clone()
             return F.one_hot(y.repeat(2), 10).float() * 9   # right and sure on every view
 
+    def spy(robust_aug, combined_clean, combined_aug, *a, **k):
+        seen["rows"] = (len(robust_aug), len(combined_clean), len(combined_aug), k.get("jsd", a[-1]))
+        return real(robust_aug, combined_clean, combined_aug, *a, **k)
+    real = dp.method_loss
+    monkeypatch.setattr(dp, "method_loss", spy)
+    with torch.no_grad():   # the frozen clean head's answers on the 2b views (no dropout or BN update there)
+        frozen_right = (student(x, clean_rows=slice(b, None))[0].argmax(-1) == y.repeat(2)).sum().item()
     torch.manual_seed(0)
     opt = dp.build_optimizer(student, "sgd", 0.0, 0.0, torch.device("cpu"))
     autocast, scaler = tt.amp_setup(torch.device("cpu"), False, "bf16")
     loss, stats = dp.train_step(student, Teacher(), x, y, opt, scaler, autocast, 2.0, 0.5, jsd=12.0)
     assert torch.equal(seen["teacher"], x[b:]) and torch.isfinite(loss)
-    assert stats[1] == b and 0 <= stats[0] <= b and 0 < stats[2] <= b   # teacher right on all b images
+    assert seen["rows"] == (2 * b, b, 2 * b, 12.0)   # the robust head's loss sees both views
+    assert stats[0].item() == frozen_right / 2 and stats[1] == b   # per image: the mean over its 2 views
+    assert 0 < stats[2] <= b
 
 
 def test_jsd_run_trains_on_two_views(root, teacher, monkeypatch):
@@ -694,6 +708,19 @@ def test_jsd_run_trains_on_two_views(root, teacher, monkeypatch):
     epoch = [json.loads(line) for line in open(out / "log.jsonl") if '"epoch"' in line][0]
     assert all(0 <= epoch[k] <= 100 for k in ("student_on_views", "teacher_on_views", "teacher_weight"))
     assert math.isfinite(result["val"]["auto"])
+
+
+def test_resume_of_a_run_older_than_a_flag_keeps_its_default():
+    """A last.pt written before --jsd existed has no 'jsd' in its args: resuming it with the flag's default
+    is fine, with --jsd 12 it is refused (it would switch to two views mid-run)."""
+    parser = dp.get_parser()
+    args = parser.parse_args(["--student", CNN, "--resume", "last.pt"])
+    saved = {k: v for k, v in vars(args).items() if k != "jsd"}
+    ckpt = dict(kind="delta", optimizer={}, args=saved)
+    tt.check_resume(ckpt, args, "delta", "distill_partial.py", 1, "--student", parser)
+    args.jsd = 12.0
+    with pytest.raises(UserError, match=r"--jsd 12.0 \(the run predates the flag: 0.0\)"):
+        tt.check_resume(ckpt, args, "delta", "distill_partial.py", 1, "--student", parser)
 
 
 def test_calibration_runs_in_eval_mode_and_holdout_is_disjoint():

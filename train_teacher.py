@@ -350,9 +350,10 @@ def check_output(output, resume, overwrite):
                         f"{os.path.join(output, 'last.pt')}, replace it with --overwrite, or pick another --output")
 
 
-def check_resume(ckpt, args, kind, script, world, arch_flag="--arch"):
+def check_resume(ckpt, args, kind, script, world, arch_flag="--arch", parser=None):
     """--resume continues the very run it names: a checkpoint of this script, with the same recipe.
-    Only flags that cannot change the result may differ, and --epochs only grow."""
+    Only flags that cannot change the result may differ, and --epochs only grow. A flag added to the
+    script after the run was made (absent from its saved args) must keep its default (from `parser`)."""
     if ckpt.get("kind") != kind:
         what = {"model": "a train_teacher.py model", "delta": "a distill_partial.py delta"}.get(ckpt.get("kind"),
                                                                                              f"a {ckpt.get('kind')}")
@@ -362,6 +363,9 @@ def check_resume(ckpt, args, kind, script, world, arch_flag="--arch"):
     saved, new = ckpt.get("args") or {}, vars(args)
     changed = [f"{arch_flag if k == 'arch' else '--' + k.replace('_', '-')} {new[k]} (was {saved[k]})"
                for k in saved if k in new and k not in RESUME_FREE and saved[k] != new[k]]
+    if parser is not None:
+        changed += [f"--{k.replace('_', '-')} {new[k]} (the run predates the flag: {parser.get_default(k)})"
+                    for k in new if k not in saved and k not in RESUME_FREE and new[k] != parser.get_default(k)]
     if new["epochs"] < saved.get("epochs", 0):
         changed.append(f"--epochs {new['epochs']} (was {saved['epochs']}; only a longer run can continue it)")
     if ckpt.get("world", world) != world:
@@ -797,7 +801,7 @@ def train(args):
         flag = "--resume" if args.resume else "--init-checkpoint"
         start = load_checkpoint(args.resume or args.init_checkpoint, flag)
         if args.resume:
-            check_resume(start, args, "model", "train_teacher.py", world)
+            check_resume(start, args, "model", "train_teacher.py", world, parser=get_parser())
         elif start.get("kind") != "model":
             raise UserError(f"--init-checkpoint: {args.init_checkpoint} is a {start.get('kind')} checkpoint, not a "
                             f"train_teacher.py model")
