@@ -633,21 +633,23 @@ def test_mc_heads_average_probabilities():
         torch.testing.assert_close(log_p[i], dp.answer(clean, robust, combined, dp.HEADS[c], 0.0)[i])
 
 
-def test_train_step_feeds_the_augmix_half_to_teacher_and_robust_head(monkeypatch):
-    """x = [clean views; AugMix views]: the teacher and the robust head's loss see the AugMix rows, the
-    combined head both halves."""
+@pytest.mark.parametrize("n", [1, 2])
+def test_train_step_feeds_the_augmix_views_to_teacher_and_robust_head(monkeypatch, n):
+    """x = [clean views; n AugMix views] (n = 2 with --jsd): the teacher and the robust head's loss see the
+    AugMix rows, the combined head all of them; the view statistics are counts per image (the mean over
+    its n views), so an epoch's percentages keep their meaning."""
     student, _ = tiny_student("cnn", 2)
     student.train()
-    x, y, b = images(8, seed=3), torch.arange(4), 4
+    x, y, b = images(4 * (1 + n), seed=3), torch.arange(4), 4
     seen = {}
 
     class Teacher(torch.nn.Module):
         def forward(self, v):
             seen["teacher"] = v.clone()
-            return torch.zeros(len(v), 10)
+            return F.one_hot(y.repeat(n), 10).float() * 9   # right and sure on every view
 
     def spy(robust_aug, combined_clean, combined_aug, *a, **k):
-        seen["losses"] = (robust_aug.detach(), combined_clean.detach(), combined_aug.detach())
+        seen["losses"] = (robust_aug.detach(), combined_clean.detach(), combined_aug.detach(), a[-1])
         return real(robust_aug, combined_clean, combined_aug, *a, **k)
     real = dp.method_loss
     monkeypatch.setattr(dp, "method_loss", spy)
@@ -655,44 +657,16 @@ def test_train_step_feeds_the_augmix_half_to_teacher_and_robust_head(monkeypatch
     opt = dp.build_optimizer(student, "sgd", 0.0, 0.0, torch.device("cpu"))
     autocast, scaler = tt.amp_setup(torch.device("cpu"), False, "bf16")
     state = torch.get_rng_state()
-    dp.train_step(student, Teacher(), x, y, opt, scaler, autocast, 2.0, 0.5)
-    assert torch.equal(seen["teacher"], x[b:])
+    jsd = 12.0 if n == 2 else 0.0
+    _, stats = dp.train_step(student, Teacher(), x, y, opt, scaler, autocast, 2.0, 0.5, jsd=jsd)
+    assert torch.equal(seen["teacher"], x[b:]) and seen["losses"][-1] == jsd
     torch.set_rng_state(state)   # the same dropout masks as in the step
     with torch.no_grad():
-        _, robust, combined = student(x, clean_rows=slice(b, None))
+        clean, robust, combined = student(x, clean_rows=slice(b, None))
     for got, want in zip(seen["losses"], (robust[b:], combined[:b], combined[b:])):
         torch.testing.assert_close(got, want)
-
-
-def test_train_step_with_two_views_counts_per_image(monkeypatch):
-    """--jsd: x = [clean; view 1; view 2]; the teacher and the robust head see both views, and the view
-    statistics stay counts per image (the mean over its two views), so an epoch's percentages keep their
-    meaning."""
-    student, _ = tiny_student("cnn", 2)
-    student.train()
-    x, y, b = images(12, seed=4), torch.arange(4), 4
-    seen = {}
-
-    class Teacher(torch.nn.Module):
-        def forward(self, v):
-            seen["teacher"] = v.clone()
-            return F.one_hot(y.repeat(2), 10).float() * 9   # right and sure on every view
-
-    def spy(robust_aug, combined_clean, combined_aug, *a, **k):
-        seen["rows"] = (len(robust_aug), len(combined_clean), len(combined_aug), k.get("jsd", a[-1]))
-        return real(robust_aug, combined_clean, combined_aug, *a, **k)
-    real = dp.method_loss
-    monkeypatch.setattr(dp, "method_loss", spy)
-    with torch.no_grad():   # the frozen clean head's answers on the 2b views (no dropout or BN update there)
-        frozen_right = (student(x, clean_rows=slice(b, None))[0].argmax(-1) == y.repeat(2)).sum().item()
-    torch.manual_seed(0)
-    opt = dp.build_optimizer(student, "sgd", 0.0, 0.0, torch.device("cpu"))
-    autocast, scaler = tt.amp_setup(torch.device("cpu"), False, "bf16")
-    loss, stats = dp.train_step(student, Teacher(), x, y, opt, scaler, autocast, 2.0, 0.5, jsd=12.0)
-    assert torch.equal(seen["teacher"], x[b:]) and torch.isfinite(loss)
-    assert seen["rows"] == (2 * b, b, 2 * b, 12.0)   # the robust head's loss sees both views
-    assert stats[0].item() == frozen_right / 2 and stats[1] == b   # per image: the mean over its 2 views
-    assert 0 < stats[2] <= b
+    frozen_right = (clean.argmax(-1) == y.repeat(n)).sum().item()   # the frozen clean head: unchanged by the step
+    assert stats[0].item() == frozen_right / n and stats[1] == b and 0 < stats[2] <= b
 
 
 def test_jsd_run_trains_on_two_views(root, teacher, monkeypatch):
