@@ -653,6 +653,7 @@ def train_step(student, teacher, x, y, opt, scaler, autocast, kd_temp, kd_weight
     and the sum of the teacher's KD weight w (zeros where not computed). Useful views are ones the frozen
     student gets wrong and the teacher right: too mild an augmentation teaches the branch nothing new."""
     b = len(y)
+    n = len(x) // b - 1   # AugMix views per image
     with autocast():
         # the frozen clean path runs only on the augmented half, where the KD target (and the view stats) need it
         uses_clean = teacher is not None
@@ -663,7 +664,7 @@ def train_step(student, teacher, x, y, opt, scaler, autocast, kd_temp, kd_weight
                 t_logits = teacher(x[b:])
             t_logits = t_logits.clone()   # clone: a normal tensor, usable by autograd
             q, w = kd_target(t_logits, clean, kd_temp) if kd_mode == "uncertainty" else \
-                ((t_logits.float() / kd_temp).softmax(-1), torch.ones(len(t_logits), device=y.device))
+                ((t_logits.float() / kd_temp).softmax(-1), torch.ones(n * b, device=y.device))
     loss = method_loss(robust[b:], combined[:b], combined[b:], y, q, kd_temp, kd_weight, smoothing, jsd)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -672,7 +673,7 @@ def train_step(student, teacher, x, y, opt, scaler, autocast, kd_temp, kd_weight
     with torch.no_grad():
         stats = torch.zeros(3, device=y.device)
         if teacher is not None:
-            n, y_aug = len(t_logits) // b, y.repeat(len(t_logits) // b)   # per image: the mean over its views
+            y_aug = y.repeat(n)   # per image: the mean over its n views
             stats = torch.stack([(clean.argmax(-1) == y_aug).sum(), (t_logits.argmax(-1) == y_aug).sum(),
                                  w.sum()]).float() / n
     return loss.detach(), stats
@@ -740,7 +741,7 @@ def distill(args):
     kwargs = parse_kwargs(args.model_kwargs)
     start = load_checkpoint(args.resume) if args.resume else None
     if start is not None:
-        check_resume(start, args, "delta", "distill_partial.py", world, "--student", get_parser())
+        check_resume(start, args, "delta", "distill_partial.py", world, get_parser(), "--student")
     size = args.img_size or native_size(args.dataset)
 
     # Wrap order: build -> load weights into the bare module -> to(device) -> compile -> DDP.

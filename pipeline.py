@@ -186,13 +186,11 @@ def stages(args):
         run.append((f"method{tag(s)}", distill_partial, d + k + teacher + out(f"method{tag(s)}")))
         names.append(f"method{tag(s)}")
         if args.compare:
-            baselines = {
-                "no-teacher": d + k + ["--teacher", "none"],
-                "full-ft": with_flags(d, ["--epochs", str(args.full_ft_epochs)]) + ["--tune-last", "all", "--teacher",
-                                                                                     "none"],
-                "full-ft-jsd": with_flags(d, ["--epochs", str(args.full_ft_epochs)]) + ["--tune-last", "all",
-                                                                                         "--teacher", "none", "--jsd"],
-                "ftp": d + k + teacher + ["--opt", "ftp", "--weight-decay", "0"]}
+            full_ft = with_flags(d, ["--epochs", str(args.full_ft_epochs)]) + ["--tune-last", "all",
+                                                                                "--teacher", "none"]
+            baselines = {"no-teacher": d + k + ["--teacher", "none"], "full-ft": full_ft,
+                         "full-ft-jsd": full_ft + ["--jsd"],   # AugMix's own loss
+                         "ftp": d + k + teacher + ["--opt", "ftp", "--weight-decay", "0"]}
             for b in args.baselines.split(","):
                 run.append((f"{b}{tag(s)}", distill_partial, baselines[b] + out(f"{b}{tag(s)}")))
                 names.append(f"{b}{tag(s)}")
@@ -360,16 +358,15 @@ def ablation_table(results, records):
         views = fmt([rec.get("student_on_views"), rec.get("teacher_on_views")]) if "teacher_on_views" in rec else "-"
         rows.append(f"| {name} | {top1('clean')} | {top1('augmix')} | {extra} | "
                     f"{'-' if route is None else f'{route:.1f}'} | {views} | {rec.get('train_time_s', '-')} |")
-    original = next((m for n, m in results["models"].items() if n.endswith(":clean")), None)
-    if original is not None:   # every variant's clean head is the original model, bit for bit
-        rows.append(f"| (original = every clean head) | {original['sets']['clean']['top1']:.2f} | "
-                    f"{original['sets'].get('augmix', {}).get('top1', float('nan')):.2f} | "
-                    f"{original.get('c', {}).get('extra_mean_acc', float('nan')):.2f} | - | - | - |")
-    teacher = results["models"].get("teacher")
-    if teacher is not None:   # what there is to distil: the teacher on the same held-out images and views
-        rows.append(f"| (teacher) | {teacher['sets']['clean']['top1']:.2f} | "
-                    f"{teacher['sets'].get('augmix', {}).get('top1', float('nan')):.2f} | "
-                    f"{teacher.get('c', {}).get('extra_mean_acc', float('nan')):.2f} | - | - | - |")
+    # every variant's clean head is the original model, bit for bit; the teacher is what there is to distil
+    references = (("(original = every clean head)", next((m for n, m in results["models"].items()
+                                                          if n.endswith(":clean")), None)),
+                  ("(teacher)", results["models"].get("teacher")))
+    for label, m in references:
+        if m is not None:
+            rows.append(f"| {label} | {m['sets']['clean']['top1']:.2f} | "
+                        f"{m['sets'].get('augmix', {}).get('top1', float('nan')):.2f} | "
+                        f"{m.get('c', {}).get('extra_mean_acc', float('nan')):.2f} | - | - | - |")
     return "\n".join(rows)
 
 

@@ -691,10 +691,10 @@ def test_resume_of_a_run_older_than_a_flag_keeps_its_default():
     args = parser.parse_args(["--student", CNN, "--resume", "last.pt"])
     saved = {k: v for k, v in vars(args).items() if k != "jsd"}
     ckpt = dict(kind="delta", optimizer={}, args=saved)
-    tt.check_resume(ckpt, args, "delta", "distill_partial.py", 1, "--student", parser)
+    tt.check_resume(ckpt, args, "delta", "distill_partial.py", 1, parser, "--student")
     args.jsd = 12.0
     with pytest.raises(UserError, match=r"--jsd 12.0 \(the run predates the flag: 0.0\)"):
-        tt.check_resume(ckpt, args, "delta", "distill_partial.py", 1, "--student", parser)
+        tt.check_resume(ckpt, args, "delta", "distill_partial.py", 1, parser, "--student")
 
 
 def test_calibration_runs_in_eval_mode_and_holdout_is_disjoint():

@@ -350,7 +350,7 @@ def check_output(output, resume, overwrite):
                         f"{os.path.join(output, 'last.pt')}, replace it with --overwrite, or pick another --output")
 
 
-def check_resume(ckpt, args, kind, script, world, arch_flag="--arch", parser=None):
+def check_resume(ckpt, args, kind, script, world, parser, arch_flag="--arch"):
     """--resume continues the very run it names: a checkpoint of this script, with the same recipe.
     Only flags that cannot change the result may differ, and --epochs only grow. A flag added to the
     script after the run was made (absent from its saved args) must keep its default (from `parser`)."""
@@ -363,9 +363,8 @@ def check_resume(ckpt, args, kind, script, world, arch_flag="--arch", parser=Non
     saved, new = ckpt.get("args") or {}, vars(args)
     changed = [f"{arch_flag if k == 'arch' else '--' + k.replace('_', '-')} {new[k]} (was {saved[k]})"
                for k in saved if k in new and k not in RESUME_FREE and saved[k] != new[k]]
-    if parser is not None:
-        changed += [f"--{k.replace('_', '-')} {new[k]} (the run predates the flag: {parser.get_default(k)})"
-                    for k in new if k not in saved and k not in RESUME_FREE and new[k] != parser.get_default(k)]
+    changed += [f"--{k.replace('_', '-')} {new[k]} (the run predates the flag: {parser.get_default(k)})"
+                for k in new if k not in saved and k not in RESUME_FREE and new[k] != parser.get_default(k)]
     if new["epochs"] < saved.get("epochs", 0):
         changed.append(f"--epochs {new['epochs']} (was {saved['epochs']}; only a longer run can continue it)")
     if ckpt.get("world", world) != world:
@@ -801,7 +800,7 @@ def train(args):
         flag = "--resume" if args.resume else "--init-checkpoint"
         start = load_checkpoint(args.resume or args.init_checkpoint, flag)
         if args.resume:
-            check_resume(start, args, "model", "train_teacher.py", world, parser=get_parser())
+            check_resume(start, args, "model", "train_teacher.py", world, get_parser())
         elif start.get("kind") != "model":
             raise UserError(f"--init-checkpoint: {args.init_checkpoint} is a {start.get('kind')} checkpoint, not a "
                             f"train_teacher.py model")
