@@ -84,11 +84,14 @@ def get_parser():
     return p
 
 
-# Ablations of the method (--ablate): name -> flags replacing or adding to the method's. Scored on the
-# validation split and the 4 extra corruptions only, so choosing among them never looks at the test set.
+# Ablations of the method (--ablate): name -> flags replacing or adding to the method's ("{student}": the
+# student's checkpoint). Scored on the validation split and the 4 extra corruptions only, so choosing among
+# them never looks at the test set.
 ABLATIONS = {
     "no teacher": ["--teacher", "none"],
     "KD target = teacher only": ["--kd-target", "teacher"],
+    # the control: the original model as its own teacher, so the KD target is the frozen student's prediction
+    "original model as teacher (control)": ["--teacher", "{student}"],
     "K = 3": ["--tune-last", "3"],
     "first block (--tune-first 1)": ["--tune-first", "1"],
     "AugMix severity 3": ["--aug-severity", "3"],
@@ -210,6 +213,7 @@ def stages(args):
         variants = {"method": method_stage(args)}
         for name, flags in ABLATIONS.items():
             folder = "ablate/" + "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
+            flags = [f.format(student=ckpt("student")) for f in flags]
             run.append((name, distill_partial, with_flags(method, flags) + out(folder)))
             variants[name] = folder
         val = evaluation + ["--split", "val", "--test-subset", str(args.test_subset), "--corruptions", "extra",

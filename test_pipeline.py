@@ -157,6 +157,8 @@ def test_resnet_student_stages(tmp_path, capsys):
     paths = ablation[ablation.index("--checkpoint") + 1:ablation.index("--name")]
     assert names[-1] == "teacher" and paths[-1] == os.path.join("runs", "fmnist", "teacher", "best.pt")
     assert len(names) == len(paths) == len(pipeline.ABLATIONS) + 2
+    control = vit["original model as teacher (control)"]
+    assert control[control.index("--teacher") + 1] == os.path.join("runs", "fmnist", "student", "best.pt")
     # complete fine-tuning with AugMix's Jensen-Shannon consistency: full-ft's stage plus --jsd (weight 12)
     args = parser.parse_args(["--student", "resnet", "--compare", "--baselines", "full-ft,full-ft-jsd"])
     run = {name: argv for name, _, argv in pipeline.stages(args)}
