@@ -213,7 +213,7 @@ def stages(args):
         variants = {"method": method_stage(args)}
         for name, flags in ABLATIONS.items():
             folder = "ablate/" + "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
-            flags = [f.format(student=ckpt("student")) for f in flags]
+            flags = [ckpt("student") if f == "{student}" else f for f in flags]
             run.append((name, distill_partial, with_flags(method, flags) + out(folder)))
             variants[name] = folder
         val = evaluation + ["--split", "val", "--test-subset", str(args.test_subset), "--corruptions", "extra",
