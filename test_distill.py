@@ -218,6 +218,21 @@ def test_clean_head_is_bit_exact_under_bf16_autocast(family):
 
 
 @CUDA
+@pytest.mark.parametrize("family", ["vit", "cnn"])
+def test_student_built_around_a_model_already_on_cuda(family):
+    """Wrapping a model that is already on the GPU keeps everything there (bench.py's inference section does
+    this): the normalisation buffers are made on the model's device, so the build-time clean-path check runs."""
+    torch.manual_seed(0)
+    model = (tt.create_model(VIT, 10, model_kwargs=VIT_KW) if family == "vit" else
+             tt.create_model(CNN, 10, model_kwargs=CNN_KW)).to("cuda")
+    cfg = tt.model_data_config(model, 32)
+    student = dp.BranchStudent(model, cfg, 2)
+    assert {t.device.type for t in list(student.parameters()) + list(student.buffers())} == {"cuda"}
+    clean = student(images(3, seed=2).to("cuda"))[0]
+    assert clean.device.type == "cuda" and clean.shape == (3, 10)
+
+
+@CUDA
 def test_bf16_distill_step_on_cuda():
     """One method step under bf16 autocast on CUDA: finite loss in fp32, only the branch and the new heads
     move, and the clean head still equals the original model (in the step and after it)."""

@@ -577,8 +577,11 @@ class Normalized(nn.Module):
         self.model = model
         self.size = tuple(data_config["input_size"][-2:])
         self.mode = "bicubic" if data_config.get("interpolation") == "bicubic" else "bilinear"
-        self.register_buffer("mean", torch.tensor(data_config["mean"]).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(data_config["std"]).view(1, -1, 1, 1), persistent=False)
+        device = next(model.parameters()).device   # on the model's device: wrapping never moves either
+        self.register_buffer("mean", torch.tensor(data_config["mean"], device=device).view(1, -1, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(data_config["std"], device=device).view(1, -1, 1, 1),
+                             persistent=False)
 
     def normalize(self, x):
         if x.shape[-2:] != self.size:
