@@ -6,6 +6,8 @@
     python bench.py --sections data,corrupt,eval      # pick sections
     python bench.py --student vit_l16 -b 64 --amp --compile --ks 4 --sections train,data --profile prof/
                                                       # and where the time goes: op tables in prof/
+    python bench.py --student vit_l16 -b 64 --amp --compile reduce-overhead --ks 4 --sections train
+                                                      # torch.compile's mode: here CUDA graphs
 
 Sections:
   train    step time and peak memory of one distillation step (clean + AugMix view, teacher, KD
@@ -60,7 +62,11 @@ def get_parser():
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher (train, infer)")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile the student and the teacher (train, infer); MODE is torch.compile's "
+                        "(reduce-overhead: CUDA graphs, a measurement only: the training scripts compile in "
+                        "the default mode)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: CUDA when available")
     p.add_argument("--augmix-batch", type=int, default=256, help="batch of the device AugMix measurement")
     p.add_argument("--ks", default=None, help="train: comma-separated K to time, e.g. 4,all (default: 1,2,N/6,all)")
@@ -168,7 +174,7 @@ def bench_one_k(args, device):
         step()  # also allocates the optimizer state before the CUDA memory baseline
     flops = fc.get_total_flops()
     if args.compile:
-        compile_models(student, teacher)   # as distill_partial.py --compile does
+        compile_models(student, teacher, args.compile)   # as distill_partial.py --compile does (mode default)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated()
@@ -233,8 +239,8 @@ def bench_infer(args, device):
     x = torch.rand(args.batch_size, 3, *original.size).to(device)
     autocast, _ = amp_setup(device, args.amp, "bf16")
     if args.compile:
-        original.compile()
-        student.compile()
+        original.compile(mode=args.compile)
+        student.compile(mode=args.compile)
     with autocast():
         t0 = timed(lambda: original(x), args.steps, args.warmup, device)
         t1 = timed(lambda: predict(student, x, "auto"), args.steps, args.warmup, device)

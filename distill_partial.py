@@ -636,12 +636,12 @@ def head_accuracy(student, loader, device, autocast, mc_samples=1):
     return {name: 100.0 * c / max(1, sums[-1]) for name, c in zip((*HEADS, "auto"), sums[:-1])}
 
 
-def compile_models(student, teacher=None):
+def compile_models(student, teacher=None, mode="default"):
     """torch.compile in place (state_dict keys stay clean): the whole student, its frozen trunk included
     (with K of 24 blocks tuned the trunk's forward is most of a step), and the teacher."""
-    student.compile()
+    student.compile(mode=mode)
     if teacher is not None:
-        teacher.compile()
+        teacher.compile(mode=mode)
 
 
 def train_step(student, teacher, x, y, opt, scaler, autocast, kd_temp, kd_weight, kd_mode="uncertainty",

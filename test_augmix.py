@@ -140,6 +140,18 @@ def test_bench_ks_names_the_flag():
     assert "--ks 1,2" in str(e.value) and "1..1" in str(e.value)
 
 
+def test_bench_compile_takes_torch_compile_modes():
+    """bench.py --compile alone is torch.compile's default mode (as the training scripts compile); a mode may
+    follow it (reduce-overhead: CUDA graphs); anything else stops at parsing, naming the flag."""
+    import bench
+    parse = bench.get_parser().parse_args
+    assert parse(["--compile", "--sections", "train"]).compile == "default"
+    assert parse(["--compile", "reduce-overhead"]).compile == "reduce-overhead"
+    assert parse([]).compile is None
+    with pytest.raises(SystemExit):
+        parse(["--compile", "fast"])
+
+
 def test_bench_profile_writes_op_tables(tmp_path):
     """bench.py --profile DIR writes where the time of a timed train step (one K in this process, as
     bench_train runs each K) and of the batched AugMix goes: torch.profiler op tables."""
