@@ -174,7 +174,7 @@ def bench_one_k(args, device):
         step()  # also allocates the optimizer state before the CUDA memory baseline
     flops = fc.get_total_flops()
     if args.compile:
-        compile_models(student, teacher, args.compile)   # as distill_partial.py --compile does (mode default)
+        compile_models(student, teacher, args.compile)   # as distill_partial.py --compile does (default mode)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated()

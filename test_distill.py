@@ -217,6 +217,15 @@ def test_clean_head_is_bit_exact_under_bf16_autocast(family):
     assert torch.equal(robust, want) and torch.equal(combined, want)
 
 
+def test_normalized_makes_its_buffers_on_its_models_device():
+    """Normalized's mean/std are made where its model is (here the meta device; CUDA in the test below), so
+    wrapping a model already on a GPU moves neither side."""
+    model = tt.create_model(CNN, 10, model_kwargs=CNN_KW)
+    cfg = tt.model_data_config(model, 32)
+    net = tt.Normalized(model.to("meta"), cfg)
+    assert net.mean.device.type == "meta" and net.std.device.type == "meta"
+
+
 @CUDA
 @pytest.mark.parametrize("family", ["vit", "cnn"])
 def test_student_built_around_a_model_already_on_cuda(family):
