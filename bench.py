@@ -12,7 +12,11 @@
 Sections:
   train    step time and peak memory of one distillation step (clean + AugMix view, teacher, KD
            loss, backward, AdamW) for --tune-last 1, 2, N/6 and all (or --ks; all = complete
-           fine-tuning, no teacher), each as a ratio to complete fine-tuning; achieved FLOP/s. Each K runs in a
+           fine-tuning, no teacher), each as a ratio to complete fine-tuning; achieved FLOP/s. step_s is the
+           mean over --steps steps issued back to back, as the training loops issue them (they read
+           nothing back from the device per step), step_s_synced the median with a synchronisation
+           around each step (what earlier bench.py versions reported); img/s, FLOP/s and MFU come
+           from step_s. On the CPU, which runs synchronously, the two agree. Each K runs in a
            fresh process so peak memory is its own (CUDA: max_memory_allocated above what the step
            holds between steps; CPU: the process's peak RSS, runtime included, and rss_growth_mb, its
            growth over the built models). AdamW is fused on CUDA. MFU = model FLOP/s (matmul FLOPs counted by
@@ -23,7 +27,7 @@ Sections:
            its calls issued back to back (as training issues them) and each on its own (_synced)
   corrupt  corruption generation images/s for each of the 19 corruptions at 32 and 224 px
   eval     evaluation images/s of the embedded benchmark's student and teacher (32 px)
-Timings are medians over --steps after --warmup (the back-to-back AugMix: the mean); nothing here is
+Timings are medians over --steps after --warmup (the back-to-back ones: means); nothing here is
 asserted in tests.
 """
 import argparse
@@ -178,13 +182,15 @@ def bench_one_k(args, device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated()
-    sec = timed(step, args.steps, args.warmup, device)
+    sec_synced = timed(step, args.steps, args.warmup, device)
+    sec = back_to_back(step, args.steps, 0, device)   # warm already
     mem = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20 if device.type == "cuda" else None
     if args.profile:
         write_profile(step, device, os.path.join(args.profile, f"train_k{k}.txt"))
     peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    return dict(k=k, depth=student.n_blocks, step_s=sec, img_s=args.batch_size / sec, tflops=flops / sec / 1e12,
-                mfu=flops / sec / 1e12 / peak if peak else None, fused_adamw=bool(opt.defaults.get("fused")),
+    return dict(k=k, depth=student.n_blocks, step_s=sec, step_s_synced=sec_synced, img_s=args.batch_size / sec,
+                tflops=flops / sec / 1e12, mfu=flops / sec / 1e12 / peak if peak else None,
+                fused_adamw=bool(opt.defaults.get("fused")),
                 trainable_m=sum(p.numel() for m in student.trainable() for p in m.parameters()) / 1e6,
                 peak_mem_mb=mem if mem is not None else peak_rss_mb(), rss_growth_mb=peak_rss_mb() - base_rss)
 
@@ -331,8 +337,9 @@ def main(argv=None):
     if "train" in sections:
         results["train"] = bench_train(args, argv)
         print(f"Training step, {args.student}, batch {args.batch_size} (+ {args.batch_size} AugMix views)\n" +
-              table(results["train"], ["k", "step_s", "img_s", "time_vs_full", "peak_mem_mb", "mem_vs_full",
-                                       "trainable_m", "tflops"] + (["mfu"] if env["peak_bf16_tflops"] else [])) + "\n")
+              table(results["train"], ["k", "step_s", "step_s_synced", "img_s", "time_vs_full", "peak_mem_mb",
+                                       "mem_vs_full", "trainable_m", "tflops"]
+                    + (["mfu"] if env["peak_bf16_tflops"] else [])) + "\n")
     if "infer" in sections:
         results["infer"] = bench_infer(args, device)
         print("Inference, auto head (K = N/6) vs original\n" + table([results["infer"]], list(results["infer"])) + "\n")

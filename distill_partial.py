@@ -44,7 +44,7 @@ from train_teacher import (SCHEMA, Normalized, RunLog, add_model_args, add_train
                            check_resume, check_train_args, create_model, load_checkpoint, load_model, lr_at,
                            model_data_config, parse_kwargs, progress, rank_states, ranks_agree, restore_best,
                            restore_rank_state, restore_training, run_main, save_run, set_lr, setup_distributed,
-                           start_epoch, unreadable_batch)
+                           show_progress, start_epoch, unreadable_batch)
 
 STUDENT_ALIASES = {
     "vit_b16": "vit_base_patch16_224.augreg2_in21k_ft_in1k",
@@ -619,7 +619,7 @@ def build_optimizer(student, opt, lr, weight_decay, device, momentum=0.9):
 def head_accuracy(student, loader, device, autocast, mc_samples=1):
     """Top-1 (%) of each head and of the selector on a loader, reduced over ranks."""
     student.eval()
-    correct, total = [0, 0, 0, 0], 0
+    correct, total = torch.zeros(4, dtype=torch.long, device=device), 0   # counted on the device: no wait per batch
     for batch in loader:
         if batch is None:
             continue
@@ -627,10 +627,9 @@ def head_accuracy(student, loader, device, autocast, mc_samples=1):
         with autocast():
             logits = student(x, mc_samples=mc_samples)
         heads = [z.float().softmax(-1).mean(0) if z.dim() == 3 else z for z in logits]
-        for i, z in enumerate((*heads, select_head(*logits, student.tau)[0])):
-            correct[i] += (z.argmax(-1) == y).sum().item()
+        correct += torch.stack([(z.argmax(-1) == y).sum() for z in (*heads, select_head(*logits, student.tau)[0])])
         total += len(y)
-    sums = all_sum(correct + [total], device)
+    sums = all_sum(correct.tolist() + [total], device)
     if sums[-1] == 0:
         raise UserError("no readable validation image: every one was skipped; replace the broken files in --data-dir")
     return {name: 100.0 * c / max(1, sums[-1]) for name, c in zip((*HEADS, "auto"), sums[:-1])}
@@ -811,11 +810,13 @@ def distill(args):
     while epoch < args.epochs:
         start_epoch(train_loader, epoch, args.seed, rank, skip)
         student.train()
-        t0, seen, loss_sum, skipped0 = time.time(), 0, 0.0, skipped_images(train_set)
+        t0, seen, skipped0 = time.time(), 0, skipped_images(train_set)
+        loss_sum = torch.tensor(0.0, dtype=torch.float64, device=device)   # summed on the device: no wait per step
         view_stats = torch.zeros(3, device=device)
         if skip:   # mid-epoch resume: this rank's random state and epoch counters as they were
             mid = restore_rank_state(start["ranks"], rank, device)
-            seen, loss_sum, skipped0 = mid["seen"], mid["loss_sum"], skipped0 - mid["skipped"]
+            seen, skipped0 = mid["seen"], skipped0 - mid["skipped"]
+            loss_sum.fill_(mid["loss_sum"])
             view_stats = torch.tensor(mid.get("view_stats", [0.0] * 3), device=device)
         seen0 = seen   # images/s counts what this process trains
         bar = progress(train_loader, rank, f"epoch {epoch + 1}/{args.epochs}")
@@ -834,18 +835,18 @@ def distill(args):
             view_stats += stats
             step += 1
             seen += b * world
-            loss_sum += loss.item()
-            img_s = (seen - seen0) / (time.time() - t0)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
+            loss_sum += loss
+            show_progress(bar, step, loss, lr, seen - seen0, t0)
             if args.save_every and step % args.save_every == 0 and i + 1 < len(train_loader):
-                ranks = rank_states(device, seen=seen, loss_sum=loss_sum, skipped=skipped_images(train_set) - skipped0,
-                                    view_stats=view_stats.tolist())
+                ranks = rank_states(device, seen=seen, loss_sum=loss_sum.item(),
+                                    skipped=skipped_images(train_set) - skipped0, view_stats=view_stats.tolist())
                 if rank == 0:
                     save_run(args.output, dict(delta_checkpoint(args, base, student, cfg, classes, opt, scaler, world),
                                                epoch=epoch, step=step, batch=i + 1, ranks=ranks, val=accs,
                                                metric=accs and selection_metric(accs, student.tau), best_metric=best,
                                                best_step=best_step),
                              False)
+        loss_sum = loss_sum.item()   # waits for the device's last steps, so that train_time counts them
         skip = 0
         epoch += 1
         train_time = time.time() - t0

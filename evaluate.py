@@ -531,7 +531,8 @@ def score(cols, loader, task, device, autocast, seed, frost_dir, attack, rank, w
     """[counts of column 0..., counts of column 1..., ..., total] over one task, summed over ranks: per column
     the correct answers and, for a routed column, the ROUTE_FIELDS counts. The loader gives blocks of
     SEED_BLOCK images, each corrupted with its own seed; the models see batch_size of them at a time."""
-    counts, total, t0 = [[0] * c.n_counts for c in cols], 0, time.time()
+    counts = [torch.zeros(c.n_counts, dtype=torch.long, device=device) for c in cols]   # no wait per batch
+    total, t0 = 0, time.time()
     restrict = torch.tensor(task.columns, device=device) if task.columns else None
     pick = (lambda z: z[:, restrict]) if restrict is not None else (lambda z: z)
     bar = progress(loader, rank, " ".join(str(p) for p in (task.set, task.corruption, task.severity) if p))
@@ -559,10 +560,10 @@ def score(cols, loader, task, device, autocast, seed, frost_dir, attack, rank, w
                         choice, heads = col.route(xj)
                         ok = torch.stack([pick(z).argmax(1) == yb for z in heads])
                         got += [(choice == h).sum() for h in range(len(heads))] + list(ok.sum(1)) + [ok.any(0).sum()]
-                counts[j] = [a + int(b) for a, b in zip(counts[j], got)]
+                counts[j] += torch.stack(got)
         total += len(y)
         bar.set_postfix(img_s=f"{total * world / (time.time() - t0):.0f}")
-    return all_sum([v for c in counts for v in c] + [total], device)
+    return all_sum([v for c in counts for v in c.tolist()] + [total], device)
 
 
 # ----------------------------------------------------------------------------- cache

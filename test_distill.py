@@ -269,6 +269,41 @@ def test_bf16_distill_step_on_cuda():
         assert torch.equal(student.eval()(x)[0], ref(x))
 
 
+@CUDA
+def test_training_step_never_waits_for_the_gpu():
+    """What the training loop does every step (the AugMix view made on the GPU, the bf16 method step with fused
+    AdamW, the loss and view stats summed on the device) reads nothing back from the GPU: torch's sync debug mode
+    raises at any host-device synchronisation. So the host queues the next step while the GPU runs this one."""
+    device = torch.device("cuda")
+    student = tiny_student("vit", 2)[0].to(device)
+    torch.manual_seed(0)
+    teacher = tt.Normalized(tt.create_model(CNN, 10, model_kwargs=CNN_KW), tt.model_data_config(student.model, 32))
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    opt = dp.build_optimizer(student, "adamw", 1e-3, 0.05, device)
+    autocast, scaler = tt.amp_setup(device, True, "bf16")
+    crops = images(4, seed=10).pin_memory()   # as the loader hands them over with --aug-device cuda
+    labels = torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(2)).pin_memory()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    stats_sum = torch.zeros(3, device=device)
+    student.train()
+
+    def step():
+        x = data.device_views(crops, device, data.BatchAugMix(), 1)
+        loss, stats = dp.train_step(student, teacher, x, labels.to(device, non_blocking=True), opt, scaler, autocast,
+                                    2.0, 0.5)
+        loss_sum.add_(loss)
+        stats_sum.add_(stats)
+
+    step()   # the first step also builds the optimizer state
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss_sum) and stats_sum.tolist()[0] <= 4 * 4
+
+
 def test_tune_last_all_trains_every_block(root, monkeypatch):
     """Also --aug-device cuda (on the CPU here): clean crops from the loader, the AugMix view made in the loop."""
     seen = []

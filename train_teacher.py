@@ -680,15 +680,15 @@ def evaluate(model, loader, device=None, autocast=contextlib.nullcontext):
     Inputs go to `device`, by default the model's."""
     device = device or module_device(model)
     model.eval()
-    correct = total = 0
+    correct, total = torch.zeros((), dtype=torch.long, device=device), 0   # counted on the device: no wait per batch
     for batch in loader:
         if batch is None:
             continue
         x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         with autocast():
-            correct += (model(x).argmax(1) == y).sum().item()
+            correct += (model(x).argmax(1) == y).sum()
         total += len(y)
-    correct, total = all_sum([correct, total], device)
+    correct, total = all_sum([correct.item(), total], device)
     if total == 0:
         raise UserError("no readable validation image: every one was skipped; replace the broken files in --data-dir")
     return 100.0 * correct / total
@@ -717,8 +717,18 @@ def set_lr(opt, lr):
         g["lr"] = lr
 
 
+LOG_EVERY = 20   # training steps between progress-bar updates
+
+
 def progress(loader, rank, desc):
     return tqdm(loader, desc=desc, disable=rank != 0, leave=False, dynamic_ncols=True)
+
+
+def show_progress(bar, step, loss, lr, images, t0):
+    """The bar's loss (this step's), lr and images/s since t0, every LOG_EVERY steps: reading a loss off the GPU
+    waits for its step to finish, and doing that every step would idle the GPU while the host prepares the next."""
+    if step % LOG_EVERY == 0 and not bar.disable:
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{images / (time.time() - t0):.0f}")
 
 
 def check_train_args(args):
@@ -865,10 +875,12 @@ def train(args):
     while epoch < args.epochs:
         start_epoch(train_loader, epoch, args.seed, rank, skip)
         net.train()
-        t0, seen, loss_sum, skipped0 = time.time(), 0, 0.0, skipped_images(train_set)
+        t0, seen, skipped0 = time.time(), 0, skipped_images(train_set)
+        loss_sum = torch.tensor(0.0, dtype=torch.float64, device=device)   # summed on the device: no wait per step
         if skip:   # mid-epoch resume: this rank's random state and epoch counters as they were
             mid = restore_rank_state(start["ranks"], rank, device)
-            seen, loss_sum, skipped0 = mid["seen"], mid["loss_sum"], skipped0 - mid["skipped"]
+            seen, skipped0 = mid["seen"], skipped0 - mid["skipped"]
+            loss_sum.fill_(mid["loss_sum"])
         seen0 = seen   # images/s counts what this process trains
         bar = progress(train_loader, rank, f"epoch {epoch + 1}/{args.epochs}")
         for i, batch in enumerate(bar, skip):
@@ -896,15 +908,16 @@ def train(args):
             scaler.update()
             step += 1
             seen += len(y) * world
-            loss_sum += loss.item()
-            img_s = (seen - seen0) / (time.time() - t0)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
+            loss_sum += loss.detach()
+            show_progress(bar, step, loss, lr, seen - seen0, t0)
             if args.save_every and step % args.save_every == 0 and i + 1 < len(train_loader):
-                ranks = rank_states(device, seen=seen, loss_sum=loss_sum, skipped=skipped_images(train_set) - skipped0)
+                ranks = rank_states(device, seen=seen, loss_sum=loss_sum.item(),
+                                    skipped=skipped_images(train_set) - skipped0)
                 if rank == 0:
                     save_run(args.output, dict(model_checkpoint(args, kwargs, classes, cfg, net, opt, scaler, world),
                                                epoch=epoch, step=step, batch=i + 1, ranks=ranks, metric=acc,
                                                best_metric=best, best_step=best_step), False)
+        loss_sum = loss_sum.item()   # waits for the device's last steps, so that train_time counts them
         skip = 0
         epoch += 1
         train_time = time.time() - t0
